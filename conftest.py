@@ -1,0 +1,1 @@
+"""Repository-level pytest configuration: the testbed plugin comes in through its pytest11 entry point."""

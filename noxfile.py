@@ -1,0 +1,51 @@
+"""Developer and CI entry points. `./run SESSION` sets up the host and calls these."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "tests"]
+
+
+
+def _install(session: nox.Session, *extra: str) -> None:
+    session.install("-e", ".", *extra)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The project's own tests, including real boots of the reference image on QEMU."""
+    _install(session)
+    session.run("pytest", "tests", *session.posargs)
+
+
+@nox.session
+def certify(session: nox.Session) -> None:
+    """Certify an image on a device: the suites, a report in reports/<device>/latest.
+
+    Default: the reference image on qemu-x86_64. Pass pytest options after `--`,
+    e.g. `./run certify -- --device qemu-x86_64 --image my.img`.
+    """
+    _install(session)
+    session.run("pytest", "suites", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """Build (or find in the cache) the reference image and print its path."""
+    _install(session)
+    session.run("python", "-m", "testbed.reference", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "testbed", "suites", "tests", "benchmarks", "noxfile.py", "conftest.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Speed figures, side by side with raw QEMU, paramiko and pexpect in the same run."""
+    _install(session)
+    session.run("python", "benchmarks/bench.py", *session.posargs)

@@ -1,0 +1,413 @@
+"""The serial console: always drained, logged with timestamps, driven with pexpect.
+
+A reader thread reads the transport (a QEMU socket, a pty, a serial port) at all times:
+a guest that cannot write its console blocks, so nobody may stop reading. What it reads
+goes to the timestamped log, to the watchers (kernel panic) and to a queue that a
+pexpect spawn consumes when a test waits for something.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import queue
+import re
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Protocol
+
+import pexpect
+from pexpect.spawnbase import SpawnBase
+
+from testbed.errors import DutError, InfraError
+
+PANIC_PATTERNS = (
+    re.compile(rb"Kernel panic - not syncing[^\r\n]*"),
+    re.compile(rb"end Kernel panic[^\r\n]*"),
+)
+SHELL_PROMPT = "TB-SH# "
+_EOF = object()
+
+
+class Transport(Protocol):
+    """A byte stream to a console: a socket, a pty or a serial port."""
+
+    def read(self, size: int) -> bytes: ...
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+class SocketTransport:
+    """A connected stream socket (QEMU's serial chardev, a serial server)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self.sock.recv(size)
+        except OSError:
+            return b""
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise InfraError(f"console connection lost while writing: {exc}") from None
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class FdTransport:
+    """A file descriptor: the master side of a pty, or an opened tty."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        # close() wakes a reader blocked on the fd through this pipe.
+        self._wake_r, self._wake_w = os.pipe()
+
+    def read(self, size: int) -> bytes:
+        try:
+            ready, _, _ = select.select([self.fd, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return b""
+            return os.read(self.fd, size)
+        except OSError:  # EIO: the other side of a pty closed
+            return b""
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except OSError as exc:
+                raise InfraError(f"console write failed: {exc}") from None
+            view = view[written:]
+
+    def close(self) -> None:
+        os.write(self._wake_w, b"x")
+        for fd in (self.fd, self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@dataclass
+class CommandResult:
+    """What one command on the device gave back; kept as evidence."""
+
+    command: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    started: str
+    duration_s: float
+    transport: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def as_evidence(self) -> dict[str, object]:
+        return {
+            "transport": self.transport,
+            "command": self.command,
+            "exit_code": self.exit_code,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "started": self.started,
+            "duration_s": round(self.duration_s, 4),
+        }
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class _QueueSpawn(SpawnBase):
+    """pexpect over the bytes the reader thread hands over."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(timeout=30, maxread=65536, searchwindowsize=None, encoding="utf-8", codec_errors="replace")
+        self._console = console
+        self.child_fd = -1
+
+    def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> str:  # type: ignore[override]
+        if timeout == -1:
+            timeout = self.timeout
+        self._console.check_fault()
+        try:
+            chunk = self._console._rx.get(timeout=timeout)
+        except queue.Empty:
+            self._console.check_fault()
+            raise pexpect.TIMEOUT("console quiet") from None
+        if chunk is _EOF:
+            self._console._rx.put(_EOF)
+            self.flag_eof = True
+            raise pexpect.EOF("console closed")
+        parts = [chunk]
+        while True:
+            try:
+                more = self._console._rx.get_nowait()
+            except queue.Empty:
+                break
+            if more is _EOF:
+                self._console._rx.put(_EOF)
+                break
+            parts.append(more)
+        data = b"".join(parts)  # type: ignore[arg-type]
+        s = self._decoder.decode(data, final=False)
+        self._log(s, "read")
+        return s
+
+    def send(self, s: str | bytes) -> int:
+        data = s.encode() if isinstance(s, str) else s
+        self._console.transport_write(data)
+        return len(data)
+
+    def sendline(self, s: str = "") -> int:
+        return self.send(s + "\r")
+
+    def isalive(self) -> bool:
+        return not self._console.closed
+
+
+@dataclass
+class ConsoleLog:
+    """The console log file, one line per console line, each stamped with wall and boot time."""
+
+    path: Path
+    _fh: IO[str] | None = None
+    _partial: bytearray = field(default_factory=bytearray)
+    _start: float = field(default_factory=time.monotonic)
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def mark(self, text: str) -> None:
+        """A line of testbed's own (power on, restore), so the log reads as a timeline."""
+        self._start = time.monotonic() if text.startswith("power on") else self._start
+        self._write_line(f"==== testbed: {text} ====")
+
+    def feed(self, data: bytes) -> list[str]:
+        self._partial.extend(data)
+        lines = []
+        while True:
+            idx = self._partial.find(b"\n")
+            if idx < 0:
+                break
+            raw = bytes(self._partial[:idx]).rstrip(b"\r")
+            del self._partial[: idx + 1]
+            line = _clean(raw)
+            lines.append(line)
+            self._write_line(line)
+        return lines
+
+    def partial(self) -> str:
+        return _clean(bytes(self._partial))
+
+    def _write_line(self, line: str) -> None:
+        if self._fh is None:
+            return
+        now = datetime.now(timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+        self._fh.write(f"[{now} +{time.monotonic() - self._start:8.3f}] {line}\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._partial:
+            self._write_line(self.partial())
+            self._partial.clear()
+        if self._fh:
+            self._fh.close()
+            self._fh = None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
+
+
+def _clean(raw: bytes) -> str:
+    """Console bytes as readable text: no colour codes or carriage returns."""
+    text = raw.decode("utf-8", errors="replace")
+    text = _ANSI.sub("", text)
+    return text.replace("\r", "")
+
+
+class Console:
+    """A device's serial console.
+
+    ``expect()`` waits for a pattern with a named timeout; ``login()`` gets a shell;
+    ``run()`` runs one command and returns its exit code and output (stdout and stderr
+    arrive merged on a serial line). A kernel panic seen at any time fails the next wait
+    at once, with the console tail.
+    """
+
+    def __init__(self, transport: Transport, log: ConsoleLog, name: str = "console") -> None:
+        self.transport = transport
+        self.log = log
+        self.name = name
+        self.closed = False
+        self.logged_in = False
+        self._rx: queue.Queue[object] = queue.Queue()
+        self._tail: collections.deque[str] = collections.deque(maxlen=200)
+        self._fault: DutError | None = None
+        self._window = bytearray()
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self.watchers: list[Callable[[str], None]] = []
+        self.spawn = _QueueSpawn(self)
+        self._thread = threading.Thread(target=self._reader, name=f"{name}-reader", daemon=True)
+        self._thread.start()
+
+    # -- reading -----------------------------------------------------------------------
+    def _reader(self) -> None:
+        while True:
+            data = self.transport.read(65536)
+            if not data:
+                break
+            self._rx.put(data)
+            for line in self.log.feed(data):
+                self._tail.append(line)
+                for watcher in self.watchers:
+                    watcher(line)
+            self._watch(data)
+        self.closed = True
+        self._rx.put(_EOF)
+
+    def _watch(self, data: bytes) -> None:
+        self._window.extend(data)
+        del self._window[:-4096]
+        if self._fault is None:
+            for pattern in PANIC_PATTERNS:
+                found = pattern.search(self._window)
+                if found:
+                    self._fault = DutError(
+                        f"kernel panic on {self.name}: {found.group(0).decode(errors='replace')}"
+                    )
+                    break
+
+    def check_fault(self) -> None:
+        if self._fault is not None:
+            raise DutError(f"{self._fault}\nlast console lines:\n{self.tail()}")
+
+    def tail(self, lines: int = 25) -> str:
+        out = list(self._tail)[-lines:]
+        partial = self.log.partial()
+        if partial:
+            out.append(partial)
+        return "\n".join(out)
+
+    def transport_write(self, data: bytes) -> None:
+        if self.closed:
+            raise InfraError(f"{self.name} is closed (the machine is off or the adapter went away)")
+        self.transport.write(data)
+
+    # -- waiting -----------------------------------------------------------------------
+    def expect(
+        self,
+        patterns: str | Sequence[str],
+        timeout: float,
+        what: str,
+        *,
+        error: type[Exception] = DutError,
+    ) -> int:
+        """Wait for one of ``patterns`` (regexes); return its index.
+
+        On timeout raise ``error`` naming ``what`` and showing the last console lines.
+        """
+        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        try:
+            return int(self.spawn.expect(pats, timeout=timeout))
+        except pexpect.TIMEOUT:
+            raise error(
+                f"timed out after {timeout:g}s waiting for {what} on {self.name}; last console lines:\n{self.tail()}"
+            ) from None
+        except pexpect.EOF:
+            raise InfraError(
+                f"{self.name} closed while waiting for {what}; last console lines:\n{self.tail()}"
+            ) from None
+
+    def drain(self) -> None:
+        """Forget what was read so far, so the next expect sees only new output."""
+        while True:
+            try:
+                item = self._rx.get_nowait()
+            except queue.Empty:
+                break
+            if item is _EOF:
+                self._rx.put(_EOF)
+                break
+        self.spawn.buffer = ""
+
+    def sendline(self, line: str) -> None:
+        self.spawn.sendline(line)
+
+    # -- shell -------------------------------------------------------------------------
+    def login(self, user: str, login_prompt: str, timeout: float) -> None:
+        """Log in at the getty and prepare a quiet shell with a known prompt."""
+        with self._lock:
+            self.drain()
+            self.sendline("")
+            self.expect([login_prompt, r"[#$] ?$"], timeout, f"a login prompt ({login_prompt!r})")
+            self.sendline(user)
+            idx = self.expect([r"[Pp]assword: ?$", r"[#$] ?$"], timeout, "a shell prompt after logging in")
+            if idx == 0:
+                raise DutError(f"{self.name} asks a password for {user}: serial login needs a passwordless account")
+            # One line so it is one round trip: a known prompt, no echo, no bracketed
+            # paste, no kernel messages between command output.
+            self.sendline(
+                "export PS1='TB-SH''# ' PS2='' TERM=dumb; stty -echo; bind 'set enable-bracketed-paste off' 2>/dev/null;"
+                " dmesg -n 1 2>/dev/null; unset PROMPT_COMMAND"
+            )
+            self.expect(re.escape(SHELL_PROMPT), timeout, "the prepared shell prompt")
+            self.logged_in = True
+
+    def run(self, command: str, timeout: float) -> CommandResult:
+        """Run ``command`` in the logged-in shell; return exit code and output."""
+        if not self.logged_in:
+            raise DutError(f"not logged in on {self.name}")
+        with self._lock:
+            n = next(self._seq)
+            begin, end = f"@@TB{n}B", f"@@TB{n}E"
+            started, t0 = utcnow(), time.monotonic()
+            self.drain()
+            # The markers are printed by printf so that an echoed command line never matches.
+            # One compound command, so no prompt is printed inside the output; the end marker
+            # starts on a new line of its own, so output without a final newline stays exact.
+            self.sendline(
+                f"printf '%s\\n' '@@TB{n}''B'; {{ {command}\n}}; printf '\\n%s:%s\\n' '@@TB{n}''E' $?"
+            )
+            self.expect(re.escape(begin) + r"\r?\n", timeout, f"the start of `{command}`")
+            self.expect(r"\r?\n" + re.escape(end) + r":(\d+)\r?\n", timeout, f"`{command}` to finish")
+            duration = time.monotonic() - t0
+            match = self.spawn.match
+            output = _clean(self.spawn.before.encode()) if self.spawn.before else ""
+            assert match is not None and not isinstance(match, type)
+            return CommandResult(
+                command=command,
+                exit_code=int(match.group(1)),
+                stdout=output,
+                stderr="",
+                started=started,
+                duration_s=duration,
+                transport="serial",
+            )
+
+    def close(self) -> None:
+        if not self.closed:
+            self.transport.close()
+        self._thread.join(timeout=5)
+        self.closed = True

@@ -1,0 +1,236 @@
+"""The device under test: a machine, its console, SSH on 22222, power, and the evidence of each command.
+
+States: off -> booting -> ssh-ready. Tests talk to a DUT, never to QEMU or a serial port.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.console import CommandResult, Console, ConsoleLog
+from testbed.errors import DutError, InfraError
+from testbed.machines.qemu import QemuMachine
+from testbed.profile import Profile
+from testbed.ssh import SshClient, load_or_create_key
+from testbed.util import cache_dir
+
+EvidenceSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class BootRecord:
+    """One boot of the device, as seen from testbed."""
+
+    kind: str  # cold | reboot | power-cycle | restore
+    started: float
+    ssh_ready_s: float | None = None
+    login_prompt_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ssh_ready_s": self.ssh_ready_s, "login_prompt_s": self.login_prompt_s}
+
+
+@dataclass
+class Power:
+    """``dut.power``: the device's power, as a relay would switch it."""
+
+    dut: DUT
+
+    def cut(self) -> None:
+        """Abrupt power loss: no shutdown, nothing flushed."""
+        self.dut.machine.power_cut()
+        self.dut.ssh.close()
+        self.dut.state = "off"
+
+    def on(self) -> None:
+        self.dut.power_on(kind="power-cycle")
+
+
+class ConsoleAccess:
+    """``dut.console``: commands over the serial console, recorded as evidence."""
+
+    def __init__(self, dut: DUT) -> None:
+        self._dut = dut
+
+    @property
+    def raw(self) -> Console:
+        console = self._dut.machine.console
+        if console is None:
+            raise InfraError(f"{self._dut.name} is off: no console")
+        return console
+
+    def login(self) -> None:
+        c = self._dut.profile.console
+        self.raw.login(c.user, c.login_prompt, self._dut.profile.timeouts.boot_to_login)
+
+    def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult:
+        console = self.raw
+        if not console.logged_in:
+            self.login()
+        result = console.run(command, timeout or self._dut.profile.timeouts.command)
+        self._dut.record(result)
+        if check and not result.ok:
+            raise DutError(_describe_failure(result))
+        return result
+
+    def expect(self, pattern: str, timeout: float, what: str) -> int:
+        return self.raw.expect(pattern, timeout, what)
+
+    def tail(self, lines: int = 25) -> str:
+        return self.raw.tail(lines)
+
+
+def _describe_failure(result: CommandResult) -> str:
+    out = (result.stdout + result.stderr).strip()[-1500:]
+    return f"`{result.command}` exited {result.exit_code} over {result.transport}:\n{out}"
+
+
+@dataclass
+class DUT:
+    """A device under test."""
+
+    profile: Profile
+    image: Path
+    image_format: str
+    console_log_path: Path
+    name: str = ""
+    state: str = "off"
+    boots: list[BootRecord] = field(default_factory=list)
+    sink: EvidenceSink | None = None
+    _snapshot_console_logged_in: dict[str, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.profile.name
+        self.console_log = ConsoleLog(self.console_log_path)
+        self.console_log.open()
+        self.machine = QemuMachine(self.profile, self.image, self.console_log, self.image_format)
+        key = load_or_create_key(cache_dir() / "keys" / "id_ed25519")
+        self.ssh = SshClient("127.0.0.1", self.machine.host_port("ssh"), self.profile.ssh.user, key)
+        self.console = ConsoleAccess(self)
+        self.power = Power(self)
+
+    # -- evidence ----------------------------------------------------------------------
+    def record(self, result: CommandResult) -> None:
+        if self.sink is not None:
+            self.sink(result.as_evidence())
+
+    # -- boot --------------------------------------------------------------------------
+    def _abort_if_dead(self) -> None:
+        self.machine.check_alive()
+        if self.machine.console is not None:
+            self.machine.console.check_fault()
+
+    def power_on(self, kind: str = "cold") -> BootRecord:
+        """Power on and wait until SSH answers; the boot is recorded with its timings."""
+        self.machine.power_on()
+        self.state = "booting"
+        return self._wait_boot(kind, self.machine.powered_on_at)
+
+    def _wait_boot(self, kind: str, started: float) -> BootRecord:
+        record = BootRecord(kind=kind, started=started)
+        self.boots.append(record)
+        try:
+            self.ssh.wait_ready(self.profile.timeouts.boot_to_ssh, abort=self._abort_if_dead)
+        except DutError as exc:
+            tail = self.machine.console.tail() if self.machine.console else ""
+            raise DutError(f"{self.name} did not become ready over SSH: {exc}\nlast console lines:\n{tail}") from None
+        record.ssh_ready_s = round(time.monotonic() - started, 3)
+        self.console_log.mark(f"ssh ready after {record.ssh_ready_s:.1f}s ({kind})")
+        self.state = "ssh-ready"
+        return record
+
+    def wait_ready(self) -> BootRecord:
+        """Wait for SSH after the device was started or rebooted some other way."""
+        return self._wait_boot("wait", time.monotonic())
+
+    def reboot(self) -> BootRecord:
+        """Reboot through the OS and wait until SSH answers on the new boot."""
+        before = self.boot_id()
+        console = self.machine.console
+        assert console is not None
+        console.drain()
+        self.ssh.run("systemd-run --on-active=1 --no-block systemctl reboot", 30)
+        self.ssh.close()
+        t0 = time.monotonic()
+        # The firmware starting again is the sign the old boot is over.
+        console.expect(
+            r"reboot: Restarting system|BdsDxe|Linux version", self.profile.timeouts.shutdown, "the device to restart"
+        )
+        record = self._wait_boot("reboot", t0)
+        after = self.boot_id()
+        if after == before:
+            raise DutError(f"{self.name} did not reboot: boot_id is still {after}")
+        return record
+
+    def power_cycle(self) -> BootRecord:
+        """Power cut, power on, wait for SSH."""
+        self.power.cut()
+        return self.power_on(kind="power-cycle")
+
+    def boot_id(self) -> str:
+        return self.ssh.run("cat /proc/sys/kernel/random/boot_id", 30).stdout.strip()
+
+    # -- snapshots ---------------------------------------------------------------------
+    def save_snapshot(self, name: str = "ready") -> float:
+        """Snapshot the running device (RAM, disk, firmware vars); return seconds taken."""
+        t0 = time.monotonic()
+        self.ssh.close()
+        self.machine.save_snapshot(name)
+        console = self.machine.console
+        self._snapshot_console_logged_in[name] = bool(console and console.logged_in)
+        self.ssh.wait_ready(self.profile.timeouts.restore_to_ssh, abort=self._abort_if_dead)
+        return time.monotonic() - t0
+
+    def restore(self, name: str = "ready") -> BootRecord:
+        """Return to a snapshot and wait until SSH answers again."""
+        if name not in self._snapshot_console_logged_in:
+            raise InfraError(f"no snapshot named {name!r} was taken on {self.name}")
+        if not self.machine.is_on():
+            self.machine.power_on()
+        self.ssh.close()
+        t0 = time.monotonic()
+        self.machine.load_snapshot(name)
+        console = self.machine.console
+        if console is not None:
+            console.drain()
+            console.logged_in = self._snapshot_console_logged_in[name]
+        return self._wait_boot("restore", t0)
+
+    # -- commands ----------------------------------------------------------------------
+    def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult:
+        """Run a shell command over SSH; the result is kept as evidence on the current test."""
+        if not self.ssh.connected():
+            self.ssh.wait_ready(self.profile.timeouts.restore_to_ssh, abort=self._abort_if_dead)
+        result = self.ssh.run(command, timeout or self.profile.timeouts.command)
+        self.record(result)
+        if check and not result.ok:
+            raise DutError(_describe_failure(result))
+        return result
+
+    def read_file(self, path: str) -> str:
+        return self.run(f"cat {shlex.quote(path)}", check=True).stdout
+
+    def facts(self) -> dict[str, Any]:
+        """What the device says about itself (OS, kernel) plus the machine's facts."""
+        facts: dict[str, Any] = {"device": self.name, **self.machine.facts()}
+        if self.state == "ssh-ready":
+            try:
+                osr = self.ssh.run("cat /etc/os-release; echo KERNEL=$(uname -r)", 30).stdout
+                for line in osr.splitlines():
+                    key, _, value = line.partition("=")
+                    if key in ("PRETTY_NAME", "VERSION_ID", "KERNEL", "SLUG"):
+                        facts[key.lower()] = value.strip().strip('"')
+            except (DutError, InfraError):
+                pass
+        return facts
+
+    def close(self) -> None:
+        self.ssh.close()
+        self.machine.close()
+        self.console_log.close()
+        self.state = "off"

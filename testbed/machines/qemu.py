@@ -1,0 +1,352 @@
+"""A device on QEMU: command line from the profile, a qcow2 overlay, QMP, snapshots, power.
+
+The image under test is never written: QEMU boots a qcow2 overlay whose backing file is
+the image, and a per-run copy of the firmware variables (qcow2 too, so ``savevm`` works).
+QMP and the serial console are unix sockets in a private 0700 directory, bound by testbed
+before QEMU starts and handed over as file descriptors, so there is nothing to poll for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from testbed.console import Console, ConsoleLog, SocketTransport
+from testbed.errors import ConfigError, InfraError
+from testbed.profile import Profile, QemuSettings
+from testbed.util import OwnedProcess, free_port, listening_unix_socket, private_dir, require_tool
+
+_accel_cache: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A loopback-only port forward from the host to the guest."""
+
+    name: str
+    guest_port: int
+    host_port: int
+
+
+def _qemu_img(*args: str) -> None:
+    tool = require_tool("qemu-img", "qemu-utils")
+    done = subprocess.run([tool, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise InfraError(f"qemu-img {' '.join(args)} failed: {done.stderr.strip()}")
+
+
+class Qmp:
+    """A thin synchronous QMP client (qemu.qmp) on an already connected socket."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self._mon = QEMUMonitorProtocol(sock)
+        self._mon.settimeout(timeout)
+        self._mon.connect()
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        reply = self._mon.cmd_obj({"execute": name, "arguments": args} if args else {"execute": name})
+        if "error" in reply:
+            raise InfraError(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def hmp(self, command_line: str) -> str:
+        return str(self.cmd("human-monitor-command", **{"command-line": command_line}))
+
+    def event(self, names: set[str], timeout: float) -> dict[str, Any] | None:
+        """The next event among ``names``, or None when ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                ev = self._mon.pull_event(wait=float(remaining))
+            except (asyncio.TimeoutError, TimeoutError):
+                return None
+            if ev and ev.get("event") in names:
+                return ev
+
+    def close(self) -> None:
+        try:
+            self._mon.close()
+        except Exception:  # noqa: BLE001 - QEMU may already be gone; closing must not fail.
+            pass
+
+
+def _firmware_paths(settings: QemuSettings, source: Path | None) -> tuple[Path, Path]:
+    code, vars_ = settings.firmware.code, settings.firmware.vars
+    for key, path in (("qemu.firmware.code", code), ("qemu.firmware.vars", vars_)):
+        if not path.is_file():
+            raise ConfigError(
+                f"{source}: {key} is {path}, which does not exist: install the firmware (apt-get install ovmf) "
+                "or point the profile at it"
+            )
+    return code, vars_
+
+
+def probe_accel(profile: Profile, timeout: float | None = None) -> tuple[str, str]:
+    """Choose the accelerator: the first of the profile's list that really runs a guest.
+
+    ``/dev/kvm`` existing proves little (on some hosts a guest dies right in the firmware).
+    KVM is accepted only if a guest booted under it reaches the firmware's first serial
+    output with the VM still running. The answer is cached per process.
+    Returns (accel, reason why any earlier choice was rejected).
+    """
+    assert profile.qemu is not None
+    settings = profile.qemu
+    key = (settings.binary, ",".join(settings.accel))
+    if key in _accel_cache:
+        return _accel_cache[key]
+    reasons = []
+    chosen = ""
+    for accel in settings.accel:
+        if accel == "tcg":
+            chosen = "tcg"
+            break
+        ok, why = _probe_kvm(profile, timeout or profile.timeouts.kvm_probe)
+        if ok:
+            chosen = "kvm"
+            break
+        reasons.append(f"kvm: {why}")
+    if not chosen:
+        raise InfraError(f"no usable accelerator among {settings.accel} ({'; '.join(reasons)})")
+    _accel_cache[key] = (chosen, "; ".join(reasons))
+    return _accel_cache[key]
+
+
+def _probe_kvm(profile: Profile, timeout: float) -> tuple[bool, str]:
+    if not os.path.exists("/dev/kvm"):
+        return False, "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not readable and writable by this user"
+    return probe_guest(profile, "kvm", "host", timeout)
+
+
+def probe_guest(profile: Profile, accel: str, cpu: str, timeout: float) -> tuple[bool, str]:
+    """Start the profile's firmware alone under ``accel``: does it run and print?"""
+    assert profile.qemu is not None
+    code, vars_ = _firmware_paths(profile.qemu, profile.source)
+    work = private_dir("testbed-kvm-probe-")
+    try:
+        shutil.copyfile(vars_, work / "vars.fd")
+        qmp_l = listening_unix_socket(work / "qmp.sock")
+        ser_l = listening_unix_socket(work / "serial.sock")
+        argv = [
+            profile.qemu.binary, "-nodefaults", "-no-user-config", "-S", "-display", "none",
+            "-machine", profile.qemu.machine, "-accel", accel, "-cpu", cpu, "-m", "256",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}",
+            "-chardev", f"socket,id=qmp,fd={qmp_l.fileno()},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=ser0,fd={ser_l.fileno()},server=on,wait=off",
+            "-serial", "chardev:ser0",
+        ]  # fmt: skip
+        with OwnedProcess(argv, pass_fds=[qmp_l.fileno(), ser_l.fileno()], stderr_path=work / "stderr") as proc:
+            qs = socket.socket(socket.AF_UNIX)
+            qs.connect(str(work / "qmp.sock"))
+            ss = socket.socket(socket.AF_UNIX)
+            ss.connect(str(work / "serial.sock"))
+            try:
+                qmp = Qmp(qs, timeout)
+            except Exception as exc:  # noqa: BLE001 - any failure here means KVM is unusable.
+                return False, f"QEMU with -accel {accel} did not start ({proc.stderr_tail(3) or exc})"
+            try:
+                qmp.cmd("cont")
+                ss.settimeout(timeout)
+                try:
+                    first = ss.recv(1)
+                except TimeoutError:
+                    first = b""
+                status = qmp.cmd("query-status")
+                if status.get("status") != "running":
+                    return False, f"the guest stopped in the firmware (status {status.get('status')})"
+                if not first:
+                    return False, f"the firmware printed nothing within {timeout:g}s"
+                return True, ""
+            except InfraError as exc:
+                return False, str(exc)
+            finally:
+                qmp.close()
+                ss.close()
+                qs.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class QemuMachine:
+    """One QEMU virtual machine for one device under test.
+
+    ``power_on()`` starts QEMU paused, connects QMP and the console, then lets the guest
+    run; ``power_cut()`` kills it at once (an abrupt power loss); powering on again uses
+    the same overlay and firmware variables, like a board whose power came back.
+    """
+
+    kind = "qemu"
+
+    def __init__(self, profile: Profile, image: Path, console_log: ConsoleLog, image_format: str = "raw") -> None:
+        if profile.qemu is None:
+            raise ConfigError(f"{profile.source}: a QEMU device needs a 'qemu:' section")
+        self.profile = profile
+        self.settings = profile.qemu
+        self.image = image.resolve()
+        self.image_format = image_format
+        self.console_log = console_log
+        self.workdir = private_dir()
+        self.overlay = self.workdir / "disk.qcow2"
+        self.vars = self.workdir / "vars.qcow2"
+        self.forwards = {
+            "ssh": Forward("ssh", profile.ssh.port, free_port()),
+            "engine": Forward("engine", 2375, free_port()),
+        }
+        self.proc: OwnedProcess | None = None
+        self.qmp: Qmp | None = None
+        self.console: Console | None = None
+        self.accel, self.accel_note = probe_accel(profile)
+        self.powered_on_at = 0.0
+        self._prepared = False
+
+    # -- disks -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the overlay and the firmware variables copy (once per device)."""
+        if self._prepared:
+            return
+        require_tool(self.settings.binary, "qemu-system-x86" if "x86" in self.settings.binary else "qemu-system-arm")
+        _code, vars_template = _firmware_paths(self.settings, self.profile.source)
+        _qemu_img("create", "-q", "-f", "qcow2", "-F", self.image_format, "-b", str(self.image), str(self.overlay))
+        _qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", str(vars_template), str(self.vars))
+        self._prepared = True
+
+    def host_port(self, name: str) -> int:
+        return self.forwards[name].host_port
+
+    def argv(self, qmp_fd: int, serial_fd: int) -> list[str]:
+        s = self.settings
+        code, _ = _firmware_paths(s, self.profile.source)
+        hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{f.host_port}-:{f.guest_port}" for f in self.forwards.values())
+        disk_dev = {"virtio": "virtio-blk-pci", "nvme": "nvme,serial=testbed0", "ide": "ide-hd"}[s.disk_interface]
+        cpu = "host" if self.accel == "kvm" else s.cpu
+        return [
+            s.binary, "-name", f"testbed-{self.profile.name}", "-nodefaults", "-no-user-config", "-S",
+            "-machine", s.machine, "-accel", self.accel, "-cpu", cpu, "-m", str(s.memory_mib), "-smp", str(s.cpus),
+            "-display", "none", "-vga", "std",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=qcow2,file={self.vars}",
+            "-drive", f"if=none,id=disk0,format=qcow2,file={self.overlay},cache=unsafe,discard=unmap",
+            "-device", f"{disk_dev},drive=disk0,bootindex=0",
+            "-netdev", f"user,id=net0,{hostfwd}",
+            "-device", f"{s.nic},netdev=net0",
+            "-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=ser0,fd={serial_fd},server=on,wait=off",
+            "-serial", "chardev:ser0",
+            *s.extra_args,
+        ]  # fmt: skip
+
+    # -- power -------------------------------------------------------------------------
+    def power_on(self) -> Console:
+        """Start QEMU and the guest; return the console, already being drained."""
+        if self.proc is not None and self.proc.alive():
+            raise InfraError("power_on: the machine is already on")
+        self.prepare()
+        qmp_l = listening_unix_socket(self.workdir / "qmp.sock")
+        ser_l = listening_unix_socket(self.workdir / "serial.sock")
+        try:
+            self.proc = OwnedProcess(
+                self.argv(qmp_l.fileno(), ser_l.fileno()),
+                pass_fds=[qmp_l.fileno(), ser_l.fileno()],
+                stderr_path=self.workdir / "qemu.stderr",
+            )
+            qs = socket.socket(socket.AF_UNIX)
+            qs.connect(str(self.workdir / "qmp.sock"))
+            ss = socket.socket(socket.AF_UNIX)
+            ss.connect(str(self.workdir / "serial.sock"))
+        finally:
+            qmp_l.close()
+            ser_l.close()
+        try:
+            self.qmp = Qmp(qs, timeout=30)
+        except Exception as exc:  # noqa: BLE001
+            tail = self.proc.stderr_tail() if self.proc else ""
+            self.power_cut()
+            raise InfraError(f"QEMU did not start: {tail or exc}") from None
+        self.console = Console(SocketTransport(ss), self.console_log, name=f"{self.profile.name} serial console")
+        self.console_log.mark(f"power on ({self.accel})")
+        self.powered_on_at = time.monotonic()
+        self.qmp.cmd("cont")
+        return self.console
+
+    def check_alive(self) -> None:
+        """Raise InfraError if QEMU died (used between waits)."""
+        if self.proc is None or not self.proc.alive():
+            code = self.proc.proc.returncode if self.proc else None
+            tail = self.proc.stderr_tail() if self.proc else ""
+            raise InfraError(f"QEMU exited (code {code}): {tail}")
+
+    def power_cut(self) -> None:
+        """An abrupt power loss: the process is killed, nothing is flushed or shut down."""
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc = None
+            self.console_log.mark("power cut")
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+
+    def power_off(self, timeout: float) -> None:
+        """An ACPI shutdown; cut the power if the guest has not stopped in time."""
+        if self.qmp is not None and self.proc is not None and self.proc.alive():
+            try:
+                self.qmp.cmd("system_powerdown")
+                self.qmp.event({"SHUTDOWN"}, timeout)
+            except InfraError:
+                pass
+        self.power_cut()
+
+    def is_on(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+    # -- snapshots ---------------------------------------------------------------------
+    def save_snapshot(self, name: str) -> None:
+        assert self.qmp is not None
+        out = self.qmp.hmp(f"savevm {name}").strip()
+        if out:
+            raise InfraError(f"savevm {name} failed: {out}")
+
+    def load_snapshot(self, name: str) -> None:
+        assert self.qmp is not None
+        out = self.qmp.hmp(f"loadvm {name}").strip()
+        if out:
+            raise InfraError(f"loadvm {name} failed: {out}")
+        self.console_log.mark(f"restored snapshot {name}")
+
+    def set_link(self, up: bool) -> None:
+        assert self.qmp is not None
+        self.qmp.cmd("set_link", name="net0", up=up)
+
+    # -- end ---------------------------------------------------------------------------
+    def facts(self) -> dict[str, Any]:
+        return {
+            "machine": "qemu",
+            "accelerator": self.accel,
+            "accelerator_note": self.accel_note,
+            "qemu_machine": self.settings.machine,
+            "firmware": str(self.settings.firmware.code),
+            "memory_mib": self.settings.memory_mib,
+            "cpus": self.settings.cpus,
+        }
+
+    def close(self) -> None:
+        self.power_cut()
+        shutil.rmtree(self.workdir, ignore_errors=True)

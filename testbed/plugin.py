@@ -1,0 +1,286 @@
+"""The pytest plugin: options, the ``dut`` fixture, evidence capture and the run report."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import testbed
+from testbed import report as rep
+from testbed.dut import DUT
+from testbed.errors import ConfigError, DutError, InfraError
+from testbed.profile import Profile, load_profile
+
+DEFAULT_DEVICE = "qemu-x86_64"
+STATE_KEY = pytest.StashKey["TestbedState"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("testbed", "testbed: boot and certify OS images")
+    group.addoption("--device", default=None, help=f"device profile name or YAML path (default {DEFAULT_DEVICE})")
+    group.addoption(
+        "--image", default=None, help="disk image to test (.img or .qcow2); default: the reference image, built on demand"
+    )
+    group.addoption("--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)")
+
+
+class TestbedState:
+    """What one pytest session knows about its device, image and results."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.device_name: str = config.getoption("--device") or DEFAULT_DEVICE
+        self.image_option: str | None = config.getoption("--image")
+        self.profile: Profile | None = None
+        self.image: Path | None = None
+        self.image_format = "raw"
+        self.image_sha256 = ""
+        self.run_dir: Path | None = None
+        self.run_id = ""
+        self.started = ""
+        self.dut: DUT | None = None
+        self.facts: dict[str, Any] = {}
+        self.tests: dict[str, rep.TestRecord] = {}
+        self.current: rep.TestRecord | None = None
+
+    # -- resolution (errors here are the user's to fix) ---------------------------------
+    def resolve_profile(self) -> Profile:
+        if self.profile is None:
+            self.profile = load_profile(self.device_name)
+        return self.profile
+
+    def resolve_image(self) -> Path:
+        if self.image is None:
+            from testbed import image as img
+
+            if self.image_option:
+                path = Path(self.image_option).expanduser()
+                self.image_format = img.image_format(path)
+                self.image = path.resolve()
+            else:
+                from testbed import reference
+
+                self._say("building the reference image (cached after the first build)")
+                self.image = reference.build(log=self._say)
+                self.image_format = "raw"
+        return self.image
+
+    def _say(self, text: str) -> None:
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"testbed: {text}")
+
+    # -- the run directory ------------------------------------------------------------
+    def open_run(self) -> Path:
+        if self.run_dir is None:
+            profile = self.resolve_profile()
+            self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+            report_root = Path(self.config.getoption("--report-dir"))
+            self.run_dir = report_root / profile.name / self.run_id
+            self.run_dir.mkdir(parents=True)
+        return self.run_dir
+
+    def evidence(self, item: dict[str, Any]) -> None:
+        if self.current is not None:
+            self.current.evidence.append(item)
+
+    def write_report(self) -> str:
+        assert self.run_dir is not None and self.profile is not None
+        from testbed import image as img
+
+        if self.image is not None and not self.image_sha256:
+            self.image_sha256 = img.sha256_file(self.image)
+        tests = list(self.tests.values())
+        result = rep.overall_result(tests)
+        boots = self.dut.boots if self.dut else []
+        cold = next((b for b in boots if b.kind == "cold"), None)
+        report = {
+            "schema": rep.SCHEMA_VERSION,
+            "device": self.profile.name,
+            "run_id": self.run_id,
+            "image": {"path": str(self.image or ""), "sha256": self.image_sha256, "format": self.image_format},
+            "started": self.started,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "result": result,
+            "counts": rep.counts(tests),
+            "facts": self.facts,
+            "timings": {
+                "boot_to_ssh_s": cold.ssh_ready_s if cold else None,
+                "boots": [b.as_dict() for b in boots],
+            },
+            "tests": [t.as_dict() for t in tests],
+            "testbed": {"version": testbed.__version__, "host": socket.gethostname()},
+        }
+        rep.write_json(self.run_dir / "report.json", report)
+        rep.write_junit(self.run_dir / "junit.xml", report)
+        rep.point_latest(self.run_dir)
+        return result
+
+
+def _fail_usage(exc: ConfigError) -> None:
+    raise pytest.UsageError(str(exc))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fresh: the test needs a device restored to its first-boot snapshot")
+    state = TestbedState(config)
+    config.stash[STATE_KEY] = state
+    # Explicit options are checked before anything runs: one line, no traceback.
+    try:
+        if config.getoption("--device"):
+            state.resolve_profile()
+        if config.getoption("--image"):
+            state.resolve_image()
+    except ConfigError as exc:
+        _fail_usage(exc)
+
+
+def _state(config: pytest.Config) -> TestbedState:
+    return config.stash[STATE_KEY]
+
+
+@pytest.fixture(scope="session")
+def testbed_state(pytestconfig: pytest.Config) -> TestbedState:
+    return _state(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def device_profile(testbed_state: TestbedState) -> Profile:
+    """The device profile of this run: expectations come from here, not from the tests."""
+    try:
+        return testbed_state.resolve_profile()
+    except ConfigError as exc:
+        pytest.exit(f"testbed: {exc}", returncode=rep.EXIT_USAGE)
+
+
+@pytest.fixture(scope="session")
+def dut(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
+    """The device under test, booted once for the session and snapshotted when ready.
+
+    Tests that change the device should use ``fresh_dut`` (a snapshot restore).
+    """
+    try:
+        image = testbed_state.resolve_image()
+    except ConfigError as exc:
+        pytest.exit(f"testbed: {exc}", returncode=rep.EXIT_USAGE)
+    run_dir = testbed_state.open_run()
+    device = DUT(
+        profile=device_profile,
+        image=image,
+        image_format=testbed_state.image_format,
+        console_log_path=run_dir / "console.log",
+    )
+    testbed_state.dut = device
+    device.sink = testbed_state.evidence
+    try:
+        if device.machine.accel_note:
+            testbed_state._say(f"{device.machine.accel_note}; using {device.machine.accel}")
+        boot = device.power_on()
+        testbed_state._say(f"{device.name} ready over SSH {boot.ssh_ready_s:.1f}s after power on ({device.machine.accel})")
+        testbed_state.facts = device.facts()
+        device.save_snapshot("ready")
+        yield device
+    finally:
+        if not testbed_state.facts:
+            testbed_state.facts = device.machine.facts()
+        device.close()
+
+
+@pytest.fixture
+def fresh_dut(dut: DUT) -> DUT:
+    """The device as it was right after its first boot (a snapshot restore, about a second)."""
+    dut.restore("ready")
+    return dut
+
+
+# -- evidence and outcomes ----------------------------------------------------------------
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    state = _state(item.config)
+    record = state.tests.setdefault(item.nodeid, rep.TestRecord(nodeid=item.nodeid))
+    state.current = record
+
+
+def _classify(excinfo: pytest.ExceptionInfo[BaseException] | None) -> str:
+    if excinfo is None:
+        return ""
+    if excinfo.errisinstance(InfraError):
+        return "infra"
+    if excinfo.errisinstance(ConfigError):
+        return "config"
+    if excinfo.errisinstance(DutError):
+        return "dut"
+    if excinfo.errisinstance(AssertionError):
+        return "assertion"
+    return "other"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    state = _state(item.config)
+    record = state.tests.setdefault(item.nodeid, rep.TestRecord(nodeid=item.nodeid))
+    record.duration_s += report.duration
+    if report.passed:
+        return
+    kind = _classify(call.excinfo)
+    if report.skipped:
+        record.outcome = "skipped"
+        record.message = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        return
+    text = _message(call.excinfo, report)
+    # The device's fault is a failure wherever it shows; the lab's (or the user's) is an error.
+    lab_fault = kind in ("infra", "config") or (kind == "other" and report.when != "call")
+    if record.outcome != "failed":
+        record.outcome = "error" if lab_fault else "failed"
+    record.kind = kind
+    record.message = (record.message + "\n" + text).strip() if record.message else text
+    if kind == "infra" and report.when == "call":
+        report.outcome = "failed"
+        report.user_properties.append(("testbed_kind", "infra"))
+
+
+def _message(excinfo: pytest.ExceptionInfo[BaseException] | None, report: pytest.TestReport) -> str:
+    if excinfo is not None and isinstance(excinfo.value, (DutError, InfraError, ConfigError)):
+        return f"{type(excinfo.value).__name__}: {excinfo.value}"
+    if excinfo is not None and excinfo.errisinstance(AssertionError):
+        return str(excinfo.value) or report.longreprtext[-3000:]
+    return report.longreprtext[-3000:]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = _state(session.config)
+    state.current = None
+    if state.run_dir is None:
+        return
+    result = state.write_report()
+    if exitstatus in (0, 1):
+        session.exitstatus = rep.exit_code_for(result)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    state = _state(config)
+    if state.run_dir is None:
+        return
+    boots = state.dut.boots if state.dut else []
+    cold = next((b.ssh_ready_s for b in boots if b.kind == "cold" and b.ssh_ready_s), None)
+    tests = list(state.tests.values())
+    result = rep.overall_result(tests)
+    c = rep.counts(tests)
+    terminalreporter.write_sep("-", "testbed")
+    terminalreporter.write_line(
+        f"{state.device_name}: {result.upper()}  ({c['passed']} passed, {c['failed']} failed, "
+        f"{c['error']} infra errors, {c['skipped']} skipped)"
+        + (f"; boot to SSH {cold:.1f}s" if cold else "")
+    )
+    terminalreporter.write_line(f"report: {state.run_dir}/report.json  junit.xml  console.log")
+

@@ -1,0 +1,200 @@
+"""SSH to the device on port 22222: one paramiko transport, kept open, reconnected after reboots."""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paramiko
+
+from testbed.console import CommandResult, utcnow
+from testbed.errors import DutError, InfraError
+from testbed.util import wait_until
+
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+
+
+class AuthRefused(DutError):
+    """The device answered SSH but refused every way testbed tried to log in."""
+
+
+def load_or_create_key(path: Path) -> paramiko.Ed25519Key:
+    """testbed's own SSH key (injected into production images' config.json)."""
+    if path.exists():
+        return paramiko.Ed25519Key.from_private_key_file(str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # paramiko cannot generate ed25519 keys; ssh-keygen can.
+    import subprocess
+
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "testbed", "-f", str(path)],
+        check=True,
+    )
+    return paramiko.Ed25519Key.from_private_key_file(str(path))
+
+
+class SshClient:
+    """An SSH session to ``host:port`` as ``user``.
+
+    Authentication tries, in order: none (a development image's passwordless root), an
+    empty password, then ``key``. Host keys are not pinned: a device's keys change when
+    it is reflashed, and the farm reaches it only over loopback or its own lab network.
+    """
+
+    def __init__(self, host: str, port: int, user: str, key: paramiko.PKey | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.user = user
+        self.key = key
+        self.transport: paramiko.Transport | None = None
+        self.auth_method = ""
+
+    # -- connection --------------------------------------------------------------------
+    def connected(self) -> bool:
+        return self.transport is not None and self.transport.is_active() and self.transport.is_authenticated()
+
+    def connect_once(self, timeout: float = 10.0) -> None:
+        """One attempt: TCP, banner, key exchange, authentication. Raises on any failure."""
+        self.close()
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        # Without TCP_NODELAY every exec round trip waits for Nagle (about 40 ms more).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(sock)
+        transport.banner_timeout = timeout
+        transport.handshake_timeout = timeout
+        transport.auth_timeout = timeout
+        try:
+            transport.start_client(timeout=timeout)
+        except Exception:
+            transport.close()
+            raise
+        self.transport = transport
+        self._authenticate(transport)
+        transport.set_keepalive(15)
+
+    def _authenticate(self, transport: paramiko.Transport) -> None:
+        tried = []
+        try:
+            transport.auth_none(self.user)
+            self.auth_method = "none"
+        except paramiko.BadAuthenticationType as exc:
+            tried.append("none")
+            allowed = exc.allowed_types
+            if self.key is not None and "publickey" in allowed:
+                try:
+                    transport.auth_publickey(self.user, self.key)
+                    self.auth_method = "publickey"
+                except paramiko.AuthenticationException:
+                    tried.append("publickey")
+            if not transport.is_authenticated() and "password" in allowed:
+                try:
+                    transport.auth_password(self.user, "")
+                    self.auth_method = "empty-password"
+                except paramiko.AuthenticationException:
+                    tried.append("empty password")
+        except paramiko.AuthenticationException:
+            tried.append("none")
+        if not transport.is_authenticated():
+            transport.close()
+            self.transport = None
+            raise AuthRefused(
+                f"SSH {self.user}@{self.host}:{self.port} refused login (tried: {', '.join(tried)})"
+            )
+
+    def wait_ready(self, timeout: float, abort: Callable[[], None] | None = None) -> float:
+        """Connect, retrying until the device's sshd answers and lets us in; return seconds taken.
+
+        A refused login is final (the device answered; retrying would not help).
+        """
+        t0 = time.monotonic()
+        last: list[str] = [""]
+
+        def attempt() -> bool:
+            try:
+                self.connect_once(timeout=min(10.0, timeout))
+                return True
+            except AuthRefused:
+                raise
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                last[0] = f"{type(exc).__name__}: {exc}"
+                return False
+
+        wait_until(
+            attempt,
+            timeout,
+            f"SSH on {self.host}:{self.port}",
+            interval=0.1,
+            max_interval=0.5,
+            abort=abort,
+            on_timeout=lambda msg: DutError(f"{msg} (last attempt: {last[0]})"),
+        )
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    # -- commands ----------------------------------------------------------------------
+    def run(self, command: str, timeout: float) -> CommandResult:
+        """Run one command; return exit code, stdout, stderr. Output is read as it comes."""
+        if not self.connected():
+            raise InfraError(f"SSH to {self.host}:{self.port} is not connected")
+        assert self.transport is not None
+        started, t0 = utcnow(), time.monotonic()
+        try:
+            chan = self.transport.open_session(timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise InfraError(f"SSH channel to {self.host}:{self.port} failed: {exc}") from None
+        out, err = bytearray(), bytearray()
+        try:
+            chan.exec_command(command)
+            chan.shutdown_write()
+            deadline = t0 + timeout
+            while True:
+                while chan.recv_ready():
+                    out.extend(chan.recv(65536))
+                while chan.recv_stderr_ready():
+                    err.extend(chan.recv_stderr(65536))
+                if chan.closed or (chan.exit_status_ready() and chan.eof_received):
+                    if not chan.recv_ready() and not chan.recv_stderr_ready():
+                        break
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DutError(
+                        f"`{command}` did not finish within {timeout:g}s over SSH; output so far:\n"
+                        f"{out.decode(errors='replace')[-2000:]}"
+                    )
+                select.select([chan], [], [], remaining)
+                if not self.transport.is_active():
+                    raise InfraError(f"SSH connection to {self.host}:{self.port} dropped during `{command}`")
+            code = chan.recv_exit_status()
+        finally:
+            chan.close()
+        return CommandResult(
+            command=command,
+            exit_code=code,
+            stdout=out.decode(errors="replace"),
+            stderr=err.decode(errors="replace"),
+            started=started,
+            duration_s=time.monotonic() - t0,
+            transport="ssh",
+        )
+
+    def put(self, data: bytes, remote_path: str, mode: int = 0o644) -> None:
+        assert self.transport is not None
+        with paramiko.SFTPClient.from_transport(self.transport) as sftp:  # type: ignore[union-attr]
+            with sftp.open(remote_path, "wb") as fh:
+                fh.write(data)
+            sftp.chmod(remote_path, mode)
+
+    def get(self, remote_path: str) -> bytes:
+        assert self.transport is not None
+        with paramiko.SFTPClient.from_transport(self.transport) as sftp:  # type: ignore[union-attr]
+            with sftp.open(remote_path, "rb") as fh:
+                return bytes(fh.read())

@@ -1,0 +1,183 @@
+"""Small shared pieces: owned child processes, condition waits, private run directories."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from testbed.errors import ConfigError, InfraError
+
+T = TypeVar("T")
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: the kernel kills it when its parent dies."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    # The parent may already be gone between fork and prctl.
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+class OwnedProcess:
+    """A child process that dies with its owner.
+
+    The child gets PR_SET_PDEATHSIG=SIGKILL, so a ``kill -9`` of the owner takes it down
+    too; ``close()`` (and the context manager) kills it and reaps it. Use for every helper
+    and emulator testbed starts.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        pass_fds: Sequence[int] = (),
+        stdout: int | None = subprocess.DEVNULL,
+        stderr_path: Path | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.stderr_path = stderr_path
+        binary = shutil.which(self.argv[0])
+        if binary is None:
+            raise InfraError(f"{self.argv[0]} not found on PATH; install it (see README, 'Requirements')")
+        err = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                [binary, *self.argv[1:]],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=err,
+                pass_fds=tuple(pass_fds),
+                preexec_fn=_die_with_parent,
+                cwd=cwd,
+            )
+        finally:
+            if stderr_path:
+                err.close()  # type: ignore[union-attr]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        if not self.stderr_path or not self.stderr_path.exists():
+            return ""
+        text = self.stderr_path.read_text(errors="replace").strip().splitlines()
+        return "\n".join(text[-lines:])
+
+    def kill(self) -> None:
+        """Kill at once (a power cut, not a shutdown) and reap."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    close = kill
+
+    def __enter__(self) -> OwnedProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def wait_until(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    *,
+    interval: float = 0.05,
+    max_interval: float = 0.5,
+    abort: Callable[[], None] | None = None,
+    on_timeout: Callable[[str], Exception] | None = None,
+) -> T:
+    """Wait until ``predicate()`` returns something truthy and return it.
+
+    This is for conditions with no event to block on (an SSH banner behind a user-mode
+    forward). ``abort`` runs between attempts and raises to stop early (QEMU died, kernel
+    panic). On timeout ``on_timeout(message)`` builds the exception (default InfraError).
+    """
+    deadline = time.monotonic() + timeout
+    pause = interval
+    gate = threading.Event()
+    while True:
+        if abort is not None:
+            abort()
+        result = predicate()
+        if result:
+            return result
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            message = f"timed out after {timeout:g}s waiting for {what}"
+            raise (on_timeout(message) if on_timeout else InfraError(message))
+        gate.wait(min(pause, remaining))
+        pause = min(pause * 1.5, max_interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def private_dir(prefix: str = "testbed-") -> Path:
+    """A new 0700 directory for sockets, overlays and firmware copies of one run."""
+    base = os.environ.get("TESTBED_RUNTIME_DIR") or None
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    path.chmod(0o700)
+    return path
+
+
+def listening_unix_socket(path: Path) -> socket.socket:
+    """Bind and listen on a unix socket that a child inherits by fd.
+
+    Binding before the child starts means the parent can connect at once, with no wait
+    for the child to create the socket.
+    """
+    if path.exists():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    os.set_inheritable(sock.fileno(), True)
+    return sock
+
+
+def cache_dir() -> Path:
+    """Where testbed keeps built images and hashes between runs."""
+    path = Path(os.environ.get("TESTBED_CACHE") or Path.home() / ".cache" / "testbed")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def require_tool(name: str, package: str) -> str:
+    """Path of a host tool, or a ConfigError naming the package that provides it."""
+    found = shutil.which(name)
+    if not found:
+        raise ConfigError(f"{name} is not installed: install the '{package}' package (apt-get install {package})")
+    return found
