@@ -8,7 +8,6 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
 
-
 def _install(session: nox.Session, *extra: str) -> None:
     session.install("-e", ".", *extra)
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -134,7 +134,7 @@ class CommandResult:
 
 
 def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class _QueueSpawn(SpawnBase):
@@ -223,7 +223,7 @@ class ConsoleLog:
     def _write_line(self, line: str) -> None:
         if self._fh is None:
             return
-        now = datetime.now(timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+        now = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
         self._fh.write(f"[{now} +{time.monotonic() - self._start:8.3f}] {line}\n")
         self._fh.flush()
 
@@ -294,9 +294,7 @@ class Console:
             for pattern in PANIC_PATTERNS:
                 found = pattern.search(self._window)
                 if found:
-                    self._fault = DutError(
-                        f"kernel panic on {self.name}: {found.group(0).decode(errors='replace')}"
-                    )
+                    self._fault = DutError(f"kernel panic on {self.name}: {found.group(0).decode(errors='replace')}")
                     break
 
     def check_fault(self) -> None:
@@ -387,9 +385,7 @@ class Console:
             # The markers are printed by printf so that an echoed command line never matches.
             # One compound command, so no prompt is printed inside the output; the end marker
             # starts on a new line of its own, so output without a final newline stays exact.
-            self.sendline(
-                f"printf '%s\\n' '@@TB{n}''B'; {{ {command}\n}}; printf '\\n%s:%s\\n' '@@TB{n}''E' $?"
-            )
+            self.sendline(f"printf '%s\\n' '@@TB{n}''B'; {{ {command}\n}}; printf '\\n%s:%s\\n' '@@TB{n}''E' $?")
             self.expect(re.escape(begin) + r"\r?\n", timeout, f"the start of `{command}`")
             self.expect(r"\r?\n" + re.escape(end) + r":(\d+)\r?\n", timeout, f"`{command}` to finish")
             duration = time.monotonic() - t0

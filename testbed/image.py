@@ -576,8 +576,23 @@ def _is_valid_mbr(sector: bytes) -> bool:
     return all(status in (0x00, 0x80) for status, _t, _s, _n in _mbr_entries(sector))
 
 
+def _mbr_table(sector: bytes) -> list[tuple[int, int, int, int]] | None:
+    """The MBR entries of ``sector``, or None if it holds no partition table.
+
+    A sector with the 0x55AA signature but no partition entries and a FAT
+    boot-sector jump is a bare FAT filesystem, not a partition table.
+    """
+    if not _is_valid_mbr(sector):
+        return None
+    entries = _mbr_entries(sector)
+    if all(ptype == 0 or count == 0 for _s, ptype, _l, count in entries):
+        if sector[0] in (0xEB, 0xE9):
+            return None
+    return entries
+
+
 def _has_partition_table(head: bytes) -> bool:
-    if _is_valid_mbr(head):
+    if _mbr_table(head) is not None:
         return True
     return any(head[lba : lba + 8] == GPT_SIGNATURE for lba in (512, 4096))
 
@@ -825,15 +840,15 @@ def _probe_fs(src: ByteSource, start: int, size: int) -> tuple[str, str]:
 
 def _layout_from_source(src: ByteSource, image: str) -> DiskLayout:
     mbr = src.read(0, 512)
-    entries = _mbr_entries(mbr) if _is_valid_mbr(mbr) else []
+    entries = _mbr_table(mbr) or []
     protective = any(ptype == MBR_GPT_PROTECTIVE for _s, ptype, _l, _n in entries)
     raw_parts: list[tuple[int, str, int, int, str]]
     if protective or not entries:
         sector = next((s for s in (512, 4096) if src.read(s, 8) == GPT_SIGNATURE), 0)
         if not sector:
-            if entries:  # valid MBR with no partitions at all
-                return DiskLayout("dos", (), image, src.size)
-            raise ConfigError(_NOT_A_DISK.format(path=image))
+            if not protective:
+                raise ConfigError(_NOT_A_DISK.format(path=image))
+            sector = 512  # primary header wiped: _parse_gpt tries the backup
         table = "gpt"
         raw_parts = _parse_gpt(src, sector, image)
     else:

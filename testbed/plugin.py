@@ -5,7 +5,8 @@ from __future__ import annotations
 import secrets
 import socket
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("testbed", "testbed: boot and certify OS images")
     group.addoption("--device", default=None, help=f"device profile name or YAML path (default {DEFAULT_DEVICE})")
     group.addoption(
-        "--image", default=None, help="disk image to test (.img or .qcow2); default: the reference image, built on demand"
+        "--image",
+        default=None,
+        help="disk image to test (.img or .qcow2); default: the reference image, built on demand",
     )
-    group.addoption("--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)")
+    group.addoption(
+        "--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)"
+    )
 
 
 class TestbedState:
@@ -80,8 +85,8 @@ class TestbedState:
     def open_run(self) -> Path:
         if self.run_dir is None:
             profile = self.resolve_profile()
-            self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+            self.started = datetime.now(UTC).isoformat(timespec="seconds")
+            self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
             report_root = Path(self.config.getoption("--report-dir"))
             self.run_dir = report_root / profile.name / self.run_id
             self.run_dir.mkdir(parents=True)
@@ -107,7 +112,7 @@ class TestbedState:
             "run_id": self.run_id,
             "image": {"path": str(self.image or ""), "sha256": self.image_sha256, "format": self.image_format},
             "started": self.started,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "result": result,
             "counts": rep.counts(tests),
             "facts": self.facts,
@@ -161,6 +166,49 @@ def device_profile(testbed_state: TestbedState) -> Profile:
         pytest.exit(f"testbed: {exc}", returncode=rep.EXIT_USAGE)
 
 
+@dataclass(frozen=True)
+class ImageUnderTest:
+    """The image file under test, for offline checks before (or without) a boot."""
+
+    path: Path
+    format: str
+
+
+@pytest.fixture(scope="session")
+def image_under_test(testbed_state: TestbedState) -> ImageUnderTest:
+    try:
+        path = testbed_state.resolve_image()
+    except ConfigError as exc:
+        pytest.exit(f"testbed: {exc}", returncode=rep.EXIT_USAGE)
+    testbed_state.open_run()
+    return ImageUnderTest(path, testbed_state.image_format)
+
+
+class OfflineEvidence:
+    """Records an offline check (reading the image file) as evidence, like a command."""
+
+    def __init__(self, state: TestbedState) -> None:
+        self._state = state
+
+    def __call__(self, what: str, output: str, ok: bool = True) -> None:
+        self._state.evidence(
+            {
+                "transport": "offline",
+                "command": what,
+                "exit_code": 0 if ok else 1,
+                "stdout": output,
+                "stderr": "",
+                "started": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "duration_s": 0.0,
+            }
+        )
+
+
+@pytest.fixture
+def offline_evidence(testbed_state: TestbedState) -> OfflineEvidence:
+    return OfflineEvidence(testbed_state)
+
+
 @pytest.fixture(scope="session")
 def dut(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
     """The device under test, booted once for the session and snapshotted when ready.
@@ -184,7 +232,9 @@ def dut(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
         if device.machine.accel_note:
             testbed_state._say(f"{device.machine.accel_note}; using {device.machine.accel}")
         boot = device.power_on()
-        testbed_state._say(f"{device.name} ready over SSH {boot.ssh_ready_s:.1f}s after power on ({device.machine.accel})")
+        testbed_state._say(
+            f"{device.name} ready over SSH {boot.ssh_ready_s:.1f}s after power on ({device.machine.accel})"
+        )
         testbed_state.facts = device.facts()
         device.save_snapshot("ready")
         yield device
@@ -279,8 +329,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_sep("-", "testbed")
     terminalreporter.write_line(
         f"{state.device_name}: {result.upper()}  ({c['passed']} passed, {c['failed']} failed, "
-        f"{c['error']} infra errors, {c['skipped']} skipped)"
-        + (f"; boot to SSH {cold:.1f}s" if cold else "")
+        f"{c['error']} infra errors, {c['skipped']} skipped)" + (f"; boot to SSH {cold:.1f}s" if cold else "")
     )
     terminalreporter.write_line(f"report: {state.run_dir}/report.json  junit.xml  console.log")
-

@@ -101,9 +101,7 @@ class SshClient:
         if not transport.is_authenticated():
             transport.close()
             self.transport = None
-            raise AuthRefused(
-                f"SSH {self.user}@{self.host}:{self.port} refused login (tried: {', '.join(tried)})"
-            )
+            raise AuthRefused(f"SSH {self.user}@{self.host}:{self.port} refused login (tried: {', '.join(tried)})")
 
     def wait_ready(self, timeout: float, abort: Callable[[], None] | None = None) -> float:
         """Connect, retrying until the device's sshd answers and lets us in; return seconds taken.

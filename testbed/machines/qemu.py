@@ -8,7 +8,6 @@ before QEMU starts and handed over as file descriptors, so there is nothing to p
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import socket
@@ -70,7 +69,7 @@ class Qmp:
                 return None
             try:
                 ev = self._mon.pull_event(wait=float(remaining))
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 return None
             if ev and ev.get("event") in names:
                 return ev

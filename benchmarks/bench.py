@@ -1,0 +1,161 @@
+"""Speed figures for testbed, each next to the raw tool it wraps, measured in one run.
+
+    python benchmarks/bench.py [--image PATH] [--device NAME] [--rounds N]
+
+Prints: cold boot to SSH ready (testbed vs QEMU started by hand + first successful ssh),
+snapshot restore to ready, and per-command round trips over SSH (vs raw paramiko) and over
+the serial console (vs raw pexpect). Ratios, not absolute times, are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import paramiko
+import pexpect.fdpexpect
+
+from testbed import reference
+from testbed.dut import DUT
+from testbed.machines.qemu import probe_accel
+from testbed.profile import load_profile
+from testbed.util import OwnedProcess, free_port
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def raw_qemu(profile, image: Path, accel: str, rounds: int) -> dict[str, float]:
+    """QEMU as a person would start it, then paramiko and pexpect used directly."""
+    q = profile.qemu
+    work = Path(tempfile.mkdtemp(prefix="bench-raw-"))
+    try:
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image), str(work / "d.qcow2")],
+            check=True,
+        )
+        shutil.copyfile(q.firmware.vars, work / "vars.fd")
+        port = free_port()
+        t0 = time.monotonic()
+        argv = [
+            q.binary, "-accel", accel, "-M", q.machine, "-cpu", q.cpu, "-m", str(q.memory_mib), "-smp", str(q.cpus),
+            "-display", "none", "-vga", "std",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={q.firmware.code}",
+            "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}",
+            "-drive", f"if=virtio,format=qcow2,file={work / 'd.qcow2'}",
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22222", "-device", "virtio-net-pci,netdev=n0",
+            "-chardev", f"socket,id=s0,path={work / 'ser.sock'},server=on,wait=off", "-serial", "chardev:s0",
+        ]  # fmt: skip
+        with OwnedProcess(argv) as _proc:
+            # The serial socket must be drained or the guest stalls; pexpect reads it.
+            while not (work / "ser.sock").exists():
+                time.sleep(0.01)
+            ser = socket.socket(socket.AF_UNIX)
+            ser.connect(str(work / "ser.sock"))
+            child = pexpect.fdpexpect.fdspawn(ser.fileno(), encoding="utf-8", codec_errors="replace", timeout=300)
+            client = None
+            while client is None:
+                child.expect([pexpect.TIMEOUT], timeout=0.05)  # drain while waiting
+                try:
+                    c = paramiko.SSHClient()
+                    c.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    c.connect(
+                        "127.0.0.1",
+                        port,
+                        "root",
+                        password="",
+                        sock=sock,
+                        look_for_keys=False,
+                        allow_agent=False,
+                        timeout=5,
+                        banner_timeout=5,
+                        auth_timeout=5,
+                    )
+                    c.exec_command("true")[1].channel.recv_exit_status()
+                    client = c
+                except Exception:  # noqa: BLE001 - not up yet
+                    time.sleep(0.2)
+            boot = time.monotonic() - t0
+            ssh = []
+            for _ in range(rounds):
+                s = time.monotonic()
+                client.exec_command("true")[1].channel.recv_exit_status()
+                ssh.append(time.monotonic() - s)
+            child.sendline("")
+            child.expect("login: ?$", timeout=120)
+            child.sendline("root")
+            child.expect(r"[#$] ?$", timeout=60)
+            child.sendline("stty -echo; PS1='P# '")
+            child.expect("P# ", timeout=60)
+            serial = []
+            for i in range(rounds):
+                s = time.monotonic()
+                child.sendline(f"true; echo R{i}:$?")
+                child.expect(f"R{i}:0", timeout=60)
+                serial.append(time.monotonic() - s)
+            client.close()
+        return {"boot": boot, "ssh": median_ms(ssh), "serial": median_ms(serial)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def with_testbed(profile, image: Path, rounds: int) -> dict[str, float]:
+    work = Path(tempfile.mkdtemp(prefix="bench-tb-"))
+    dut = DUT(profile=profile, image=image, image_format="raw", console_log_path=work / "console.log")
+    try:
+        t0 = time.monotonic()
+        dut.power_on()
+        boot = time.monotonic() - t0
+        save = dut.save_snapshot("ready")
+        restores = []
+        for _ in range(max(3, rounds // 10)):
+            s = time.monotonic()
+            dut.restore("ready")
+            restores.append(time.monotonic() - s)
+        ssh = []
+        for _ in range(rounds):
+            ssh.append(dut.run("true").duration_s)
+        dut.console.login()
+        serial = [dut.console.run("true").duration_s for _ in range(rounds)]
+        return {"boot": boot, "save": save, "restore": statistics.median(restores), "ssh": median_ms(ssh),
+                "serial": median_ms(serial)}  # fmt: skip
+    finally:
+        dut.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--image", type=Path)
+    ap.add_argument("--device", default="qemu-x86_64")
+    ap.add_argument("--rounds", type=int, default=30)
+    args = ap.parse_args()
+    profile = load_profile(args.device)
+    image = (args.image or reference.build()).resolve()
+    accel, note = probe_accel(profile)
+    print(f"image {image}\naccelerator {accel}{' (' + note + ')' if note else ''}\n")
+    raw = raw_qemu(profile, image, accel, args.rounds)
+    tb = with_testbed(profile, image, args.rounds)
+    rows = [
+        ("cold boot to SSH ready", f"{tb['boot']:.2f} s", f"{raw['boot']:.2f} s (qemu by hand + first ssh)", tb["boot"] / raw["boot"], "<= 1.1"),
+        ("snapshot restore to ready", f"{tb['restore']:.2f} s", f"(savevm {tb['save']:.2f} s)", None, "<= 1.5 s"),
+        ("command round trip, SSH", f"{tb['ssh']:.1f} ms", f"{raw['ssh']:.1f} ms (paramiko exec)", tb["ssh"] / raw["ssh"], "<= 1.5"),
+        ("command round trip, serial", f"{tb['serial']:.1f} ms", f"{raw['serial']:.1f} ms (pexpect)", tb["serial"] / raw["serial"], ""),
+    ]  # fmt: skip
+    print(f"{'figure':28} {'testbed':>10}   {'raw':38} {'ratio':>6}  target")
+    for name, ours, theirs, ratio, target in rows:
+        r = f"{ratio:.2f}" if ratio is not None else "-"
+        print(f"{name:28} {ours:>10}   {theirs:38} {r:>6}  {target}")
+
+
+if __name__ == "__main__":
+    main()

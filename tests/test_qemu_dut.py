@@ -1,0 +1,47 @@
+"""The DUT on a real QEMU boot of the reference image: SSH, console, evidence, snapshots, reboots."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.dut import DUT
+from testbed.errors import DutError
+
+pytestmark = pytest.mark.usefixtures("qemu_tools")
+
+
+def test_ssh_and_console_both_run_commands(dut: DUT) -> None:
+    over_ssh = dut.run("echo out; echo err >&2; exit 3")
+    assert (over_ssh.exit_code, over_ssh.stdout, over_ssh.stderr) == (3, "out\n", "err\n")
+    assert over_ssh.transport == "ssh" and over_ssh.duration_s > 0
+    over_serial = dut.console.run("cat /proc/sys/kernel/random/boot_id")
+    assert over_serial.exit_code == 0
+    assert over_serial.stdout.strip() == dut.boot_id()
+
+
+def test_check_raises_a_dut_error_naming_the_command(dut: DUT) -> None:
+    with pytest.raises(DutError, match="ls /no/such/path"):
+        dut.run("ls /no/such/path", check=True)
+
+
+def test_snapshot_restore_undoes_changes(dut: DUT) -> None:
+    dut.run("touch /tmp/changed-after-snapshot", check=True)
+    boot = dut.restore("ready")
+    assert boot.kind == "restore" and boot.ssh_ready_s is not None
+    assert dut.run("test -e /tmp/changed-after-snapshot").exit_code == 1
+
+
+def test_reboot_gives_a_new_boot(dut: DUT) -> None:
+    before = dut.boot_id()
+    record = dut.reboot()
+    assert record.kind == "reboot"
+    assert dut.boot_id() != before
+
+
+def test_power_cycle_gives_a_new_boot_on_the_same_disk(dut: DUT) -> None:
+    dut.run("echo kept > /mnt/data/power-cycle-marker && sync", check=True)
+    before = dut.boot_id()
+    dut.power_cycle()
+    assert dut.boot_id() != before
+    assert dut.run("cat /mnt/data/power-cycle-marker").stdout == "kept\n"
+    dut.restore("ready")
