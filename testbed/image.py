@@ -113,11 +113,7 @@ class Partition:
     def describe(self) -> str:
         """Short human description, e.g. ``partition 1 'resin-boot' (vfat)``."""
         name = self.label or self.name
-        return (
-            f"partition {self.index}"
-            + (f" '{name}'" if name else "")
-            + f" ({self.fstype})"
-        )
+        return f"partition {self.index}" + (f" '{name}'" if name else "") + f" ({self.fstype})"
 
 
 class MissingPartitionError(ConfigError, KeyError):
@@ -162,7 +158,7 @@ class DiskLayout:
         where = self.image or "the image"
         raise MissingPartitionError(
             f"{where} has no partition labelled {label!r} (labels found: {found}) — "
-            f"pass --image with a balenaOS image whose boot partition is labelled {label!r}"
+            "pass --image with an image that has it, or fix the label expected in the device profile"
         )
 
 
@@ -253,23 +249,24 @@ class Qcow2Source:
     and raise :class:`ConfigError` when met.
     """
 
-    def __init__(self, path: StrPath, *, _chain: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: StrPath, *, open_backing: bool = True, _chain: tuple[str, ...] = ()) -> None:
+        """Open ``path`` read-only, and its backing chain unless ``open_backing`` is False.
+
+        Without the backing chain, clusters the image does not hold read as zeros:
+        use that only to inspect the header (e.g. :attr:`backing_file`).
+        """
         self.path = os.fspath(path)
         real = os.path.realpath(self.path)
         if real in _chain:
-            raise ConfigError(
-                f"{self.path}: qcow2 backing chain loops back onto itself — recreate the overlay"
-            )
+            raise ConfigError(f"{self.path}: qcow2 backing chain loops back onto itself — recreate the overlay")
         if len(_chain) >= _MAX_BACKING_DEPTH:
-            raise ConfigError(
-                f"{self.path}: qcow2 backing chain is deeper than {_MAX_BACKING_DEPTH} — flatten it"
-            )
+            raise ConfigError(f"{self.path}: qcow2 backing chain is deeper than {_MAX_BACKING_DEPTH} — flatten it")
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self._backing: ByteSource | None = None
         self._l2_cache: dict[int, tuple[int, ...]] = {}
         try:
             self._parse_header()
-            if self.backing_file is not None:
+            if self.backing_file is not None and open_backing:
                 self._backing = self._open_backing(_chain + (real,))
         except BaseException:
             self.close()
@@ -283,9 +280,7 @@ class Qcow2Source:
     def _parse_header(self) -> None:
         hdr = _pread_full(self._fd, 4096, 0)
         if len(hdr) < 72 or hdr[:4] != QCOW2_MAGIC:
-            raise self._bad(
-                "truncated or invalid qcow2 header — re-create or re-download the image"
-            )
+            raise self._bad("truncated or invalid qcow2 header — re-create or re-download the image")
         (
             version,
             backing_off,
@@ -297,17 +292,11 @@ class Qcow2Source:
             l1_off,
         ) = struct.unpack_from(">IQIIQIIQ", hdr, 4)
         if version not in (2, 3):
-            raise self._bad(
-                f"unsupported qcow2 version {version} — convert it with qemu-img convert -O qcow2"
-            )
+            raise self._bad(f"unsupported qcow2 version {version} — convert it with qemu-img convert -O qcow2")
         if not 9 <= cluster_bits <= 21:
-            raise self._bad(
-                f"invalid qcow2 cluster_bits {cluster_bits} — the file is corrupt"
-            )
+            raise self._bad(f"invalid qcow2 cluster_bits {cluster_bits} — the file is corrupt")
         if crypt != 0:
-            raise self._bad(
-                "encrypted qcow2 images are not supported — decrypt it with qemu-img convert"
-            )
+            raise self._bad("encrypted qcow2 images are not supported — decrypt it with qemu-img convert")
         header_len = 72
         incompat = 0
         if version == 3:
@@ -316,17 +305,11 @@ class Qcow2Source:
             incompat = struct.unpack_from(">Q", hdr, 72)[0]
             header_len = struct.unpack_from(">I", hdr, 100)[0]
         if incompat & _QCOW2_INCOMPAT_CORRUPT:
-            raise self._bad(
-                "qcow2 image is marked corrupt — repair it with qemu-img check -r all, or recreate it"
-            )
+            raise self._bad("qcow2 image is marked corrupt — repair it with qemu-img check -r all, or recreate it")
         if incompat & _QCOW2_INCOMPAT_EXTERNAL_DATA:
-            raise self._bad(
-                "qcow2 images with an external data file are not supported — convert with qemu-img convert"
-            )
+            raise self._bad("qcow2 images with an external data file are not supported — convert with qemu-img convert")
         if incompat & _QCOW2_INCOMPAT_EXTENDED_L2:
-            raise self._bad(
-                "qcow2 images with extended L2 entries are not supported — convert with qemu-img convert"
-            )
+            raise self._bad("qcow2 images with extended L2 entries are not supported — convert with qemu-img convert")
         known = (
             _QCOW2_INCOMPAT_DIRTY
             | _QCOW2_INCOMPAT_CORRUPT
@@ -335,9 +318,7 @@ class Qcow2Source:
             | _QCOW2_INCOMPAT_EXTENDED_L2
         )
         if incompat & ~known:
-            raise self._bad(
-                f"qcow2 uses unknown incompatible features {incompat:#x} — convert with qemu-img convert"
-            )
+            raise self._bad(f"qcow2 uses unknown incompatible features {incompat:#x} — convert with qemu-img convert")
         self.version = version
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
@@ -347,9 +328,7 @@ class Qcow2Source:
         self._parse_extensions(hdr, header_len)
         raw_l1 = _pread_full(self._fd, l1_size * 8, l1_off)
         if len(raw_l1) != l1_size * 8:
-            raise self._bad(
-                "qcow2 L1 table lies past the end of the file — the file is truncated"
-            )
+            raise self._bad("qcow2 L1 table lies past the end of the file — the file is truncated")
         self._l1: tuple[int, ...] = struct.unpack(f">{l1_size}Q", raw_l1)
         self.backing_file: str | None = None
         self.backing_name: str | None = None
@@ -358,14 +337,8 @@ class Qcow2Source:
             name = raw_name.decode("utf-8", errors="replace")
             self.backing_name = name
             if name.startswith("json:") or re.match(r"^[A-Za-z][\w+.-]*:", name):
-                raise self._bad(
-                    f"backing file {name!r} is not a plain file path, which testbed does not support"
-                )
-            self.backing_file = (
-                name
-                if os.path.isabs(name)
-                else os.path.join(os.path.dirname(self.path), name)
-            )
+                raise self._bad(f"backing file {name!r} is not a plain file path, which testbed does not support")
+            self.backing_file = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
 
     def _parse_extensions(self, hdr: bytes, pos: int) -> None:
         while pos + 8 <= len(hdr):
@@ -393,9 +366,7 @@ class Qcow2Source:
             return RawSource(path)
         if fmt == "qcow2":
             return Qcow2Source(path, _chain=chain)
-        raise ConfigError(
-            f"{self.path}: backing format {fmt!r} is not supported (only raw and qcow2)"
-        )
+        raise ConfigError(f"{self.path}: backing format {fmt!r} is not supported (only raw and qcow2)")
 
     # reading --------------------------------------------------------------
 
@@ -422,9 +393,7 @@ class Qcow2Source:
         l2_offset = self._l1[l1_index] & _L1_OFFSET_MASK
         if not l2_offset:
             return "backing", 0
-        entry = self._l2_table(l2_offset)[
-            (pos >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
-        ]
+        entry = self._l2_table(l2_offset)[(pos >> self.cluster_bits) & ((1 << self.l2_bits) - 1)]
         if entry & _L2_COMPRESSED:
             raise self._bad(
                 "compressed qcow2 clusters are not supported — decompress with "
@@ -451,9 +420,7 @@ class Qcow2Source:
                 data = _pread_full(self._fd, count, host + in_cluster)
                 out[pos - offset : pos - offset + len(data)] = data
             elif kind == "backing" and self._backing is not None:
-                out[pos - offset : pos - offset + count] = self._backing.read(
-                    pos, count
-                )
+                out[pos - offset : pos - offset + count] = self._backing.read(pos, count)
             pos += count
         return bytes(out)
 
@@ -490,7 +457,7 @@ def qcow2_backing_file(path: StrPath) -> str | None:
     """
     if image_format(path) != "qcow2":
         raise ConfigError(f"{os.fspath(path)} is a raw image, not a qcow2")
-    with Qcow2Source(path) as src:
+    with Qcow2Source(path, open_backing=False) as src:
         return src.backing_file
 
 
@@ -553,9 +520,7 @@ def _read_head(path: str, n: int) -> bytes:
             f"{path} is a directory, not a disk image — pass --image with the path of a disk image file (.img/.qcow2)"
         ) from None
     except OSError as exc:
-        raise ConfigError(
-            f"cannot read image {path}: {exc.strerror} — check the path and its permissions"
-        ) from None
+        raise ConfigError(f"cannot read image {path}: {exc.strerror} — check the path and its permissions") from None
     if not head:
         raise ConfigError(
             f"{path} is empty (0 bytes), not a disk image — re-download or rebuild it, "
@@ -622,9 +587,7 @@ def image_format(path: StrPath) -> str:
 # Partition tables
 
 
-def _gpt_header(
-    src: ByteSource, lba: int, sector: int
-) -> tuple[int, int, int, int] | None:
+def _gpt_header(src: ByteSource, lba: int, sector: int) -> tuple[int, int, int, int] | None:
     """Validated GPT header at ``lba``: (entries_lba, count, entry_size, alternate_lba), or None."""
     hdr = src.read(lba * sector, sector)
     if hdr[:8] != GPT_SIGNATURE:
@@ -645,18 +608,12 @@ def _gpt_header(
     return entries_lba, count, entry_size, alt_lba
 
 
-def _parse_gpt(
-    src: ByteSource, sector: int, image: str
-) -> list[tuple[int, str, int, int, str]]:
+def _parse_gpt(src: ByteSource, sector: int, image: str) -> list[tuple[int, str, int, int, str]]:
     """GPT partitions as (index, name, start, size, type_guid)."""
     found = _gpt_header(src, 1, sector)
     if found is None:
         primary = src.read(sector, sector)
-        alt = (
-            struct.unpack_from("<Q", primary, 32)[0]
-            if primary[:8] == GPT_SIGNATURE
-            else 0
-        )
+        alt = struct.unpack_from("<Q", primary, 32)[0] if primary[:8] == GPT_SIGNATURE else 0
         for lba in (alt, src.size // sector - 1):
             if lba > 1:
                 found = _gpt_header(src, lba, sector)
@@ -676,20 +633,14 @@ def _parse_gpt(
             continue
         first, last = struct.unpack_from("<QQ", entry, 32)
         if last < first:
-            raise ConfigError(
-                f"{image}: GPT entry {slot + 1} ends before it starts — the image is corrupt"
-            )
+            raise ConfigError(f"{image}: GPT entry {slot + 1} ends before it starts — the image is corrupt")
         name = entry[56:128].decode("utf-16-le", errors="replace").split("\0", 1)[0]
         type_guid = str(uuid.UUID(bytes_le=bytes(entry[:16]))).upper()
-        parts.append(
-            (slot + 1, name, first * sector, (last - first + 1) * sector, type_guid)
-        )
+        parts.append((slot + 1, name, first * sector, (last - first + 1) * sector, type_guid))
     return parts
 
 
-def _parse_mbr(
-    src: ByteSource, mbr: bytes, image: str
-) -> list[tuple[int, str, int, int, str]]:
+def _parse_mbr(src: ByteSource, mbr: bytes, image: str) -> list[tuple[int, str, int, int, str]]:
     """MBR partitions as (index, "", start, size, "0xNN"), logical ones numbered from 5."""
     parts: list[tuple[int, str, int, int, str]] = []
     logical = 5
@@ -703,9 +654,7 @@ def _parse_mbr(
         seen: set[int] = set()
         while True:
             if ebr_lba in seen or len(seen) > 1024:
-                raise ConfigError(
-                    f"{image}: the chain of logical partitions loops — the partition table is corrupt"
-                )
+                raise ConfigError(f"{image}: the chain of logical partitions loops — the partition table is corrupt")
             seen.add(ebr_lba)
             ebr = src.read(ebr_lba * 512, 512)
             if ebr[510:512] != MBR_SIGNATURE:
@@ -794,9 +743,7 @@ def _probe_fat(src: ByteSource, start: int, head: bytes) -> tuple[str, str] | No
     """
     if len(head) < 512 or head[0] not in (0xEB, 0xE9):
         return None
-    bps, spc, reserved, nfats, root_entries, _tot16, media, fatsz16 = (
-        struct.unpack_from("<HBHBHHBH", head, 11)
-    )
+    bps, spc, reserved, nfats, root_entries, _tot16, media, fatsz16 = struct.unpack_from("<HBHBHHBH", head, 11)
     if bps not in (512, 1024, 2048, 4096) or spc == 0 or spc & (spc - 1):
         return None
     if reserved == 0 or not 1 <= nfats <= 4 or not (media == 0xF0 or media >= 0xF8):
@@ -821,9 +768,7 @@ def _probe_fat(src: ByteSource, start: int, head: bytes) -> tuple[str, str] | No
         for _ in range(64):
             if not 2 <= cluster < 0x0FFFFFF7:
                 break
-            root_label = _fat_root_label(
-                src.read(data_off + (cluster - 2) * cluster_bytes, cluster_bytes)
-            )
+            root_label = _fat_root_label(src.read(data_off + (cluster - 2) * cluster_bytes, cluster_bytes))
             if root_label is not None:
                 break
             fat_entry = src.read(start + reserved * bps + cluster * 4, 4)
@@ -883,9 +828,7 @@ def read_layout(path: StrPath) -> DiskLayout:
 # FAT files via mtools
 
 
-def _run_tool(
-    argv: list[str], *, cwd: str | None = None
-) -> subprocess.CompletedProcess[bytes]:
+def _run_tool(argv: list[str], *, cwd: str | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run a host tool with no stdin; InfraError if it is missing or hangs."""
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
     try:
@@ -900,13 +843,9 @@ def _run_tool(
         )
     except FileNotFoundError:
         package = "qemu-utils" if argv[0].startswith("qemu") else "mtools"
-        raise InfraError(
-            f"{argv[0]} is not installed on this host — install it (apt-get install {package})"
-        ) from None
+        raise InfraError(f"{argv[0]} is not installed on this host — install it (apt-get install {package})") from None
     except subprocess.TimeoutExpired:
-        raise InfraError(
-            f"{argv[0]} did not finish within {_TOOL_TIMEOUT} s: {' '.join(argv)}"
-        ) from None
+        raise InfraError(f"{argv[0]} did not finish within {_TOOL_TIMEOUT} s: {' '.join(argv)}") from None
 
 
 def _tool_output(proc: subprocess.CompletedProcess[bytes]) -> str:
@@ -927,22 +866,16 @@ def _fat_path(inner_path: str) -> str:
 def _check_partition(src: ByteSource, image: str, partition: Partition) -> None:
     """ConfigError unless ``partition`` lies inside the disk and holds a FAT filesystem now."""
     if partition.start < 0 or partition.end > src.size:
-        raise ConfigError(
-            f"{image}: {partition.describe()} lies outside the {src.size}-byte disk"
-        )
+        raise ConfigError(f"{image}: {partition.describe()} lies outside the {src.size}-byte disk")
     fstype, _label = _probe_fs(src, partition.start, partition.size)
     if fstype != "vfat":
-        raise ConfigError(
-            f"{image}: {partition.describe()} does not hold a FAT filesystem (found {fstype})"
-        )
+        raise ConfigError(f"{image}: {partition.describe()} does not hold a FAT filesystem (found {fstype})")
 
 
 def extract_partition(src: ByteSource, partition: Partition, dest: StrPath) -> None:
     """Copy the partition's bytes from ``src`` into a new sparse file ``dest``."""
     zero = bytes(_CHUNK)
-    fd = os.open(
-        os.fspath(dest), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
-    )
+    fd = os.open(os.fspath(dest), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         for off in range(0, partition.size, _CHUNK):
             n = min(_CHUNK, partition.size - off)
@@ -982,9 +915,7 @@ def read_file_from_fat(path: StrPath, partition: Partition, inner_path: str) -> 
                 f"{target[2:]} not found in {partition.describe()} of {p} — "
                 "is this a balenaOS image with that file on its boot partition?"
             )
-        raise InfraError(
-            f"mtype could not read {target[2:]} from {partition.describe()} of {p}: {detail}"
-        )
+        raise InfraError(f"mtype could not read {target[2:]} from {partition.describe()} of {p}: {detail}")
     return proc.stdout
 
 
@@ -1001,33 +932,25 @@ def read_config_json(path: StrPath, label: str = _DEFAULT_LABEL) -> dict[str, An
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{where} is not UTF-8 text (byte {exc.start}) — fix or regenerate it"
-        ) from None
+        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start}) — fix or regenerate it") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos}) — "
             "fix or regenerate it"
         ) from None
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{where} holds a JSON {type(data).__name__}, not an object — fix or regenerate it"
-        )
+        raise ConfigError(f"{where} holds a JSON {type(data).__name__}, not an object — fix or regenerate it")
     return data
 
 
 # --------------------------------------------------------------------------
 # Editing a FAT partition inside a qcow2 overlay
 
-_QEMU_IO_ERROR = re.compile(
-    r"(?i)\b(error|failed|fail|could not|cannot|unable|invalid|permission denied)\b"
-)
+_QEMU_IO_ERROR = re.compile(r"(?i)\b(error|failed|fail|could not|cannot|unable|invalid|permission denied)\b")
 _DIFF_BLOCK = 4096
 
 
-def _changed_runs(
-    src: ByteSource, partition: Partition, edited: str
-) -> list[tuple[int, int]]:
+def _changed_runs(src: ByteSource, partition: Partition, edited: str) -> list[tuple[int, int]]:
     """(offset, length) runs, relative to the partition, where ``edited`` differs from ``src``."""
     runs: list[tuple[int, int]] = []
     with open(edited, "rb") as fh:
@@ -1049,9 +972,7 @@ def _changed_runs(
     return runs
 
 
-def write_files_to_fat_in_overlay(
-    overlay_qcow2: StrPath, partition: Partition, files: Mapping[str, bytes]
-) -> None:
+def write_files_to_fat_in_overlay(overlay_qcow2: StrPath, partition: Partition, files: Mapping[str, bytes]) -> None:
     """Write ``files`` ({"/path/in/fat": content}) into a FAT partition of a qcow2 overlay.
 
     Only a qcow2 with a backing file is accepted (ConfigError otherwise), so
@@ -1097,9 +1018,7 @@ def _mtools_put(part_file: str, targets: Mapping[str, bytes], tmp: str) -> None:
         for i in range(1, len(parts) + 1):
             sub = "::/" + "/".join(parts[:i])
             if sub not in made:
-                _run_tool(
-                    ["mmd", "-D", "s", "-i", part_file, sub]
-                )  # fails harmlessly if it exists
+                _run_tool(["mmd", "-D", "s", "-i", part_file, sub])  # fails harmlessly if it exists
                 made.add(sub)
     payload = os.path.join(tmp, "payload")
     for target, data in targets.items():
@@ -1107,9 +1026,13 @@ def _mtools_put(part_file: str, targets: Mapping[str, bytes], tmp: str) -> None:
             fh.write(data)
         proc = _run_tool(["mcopy", "-o", "-i", part_file, payload, target])
         if proc.returncode != 0:
-            raise InfraError(
-                f"mcopy could not write {target[2:]} into the FAT partition: {_tool_output(proc)}"
-            )
+            detail = _tool_output(proc)
+            if "full" in detail.lower():
+                raise ConfigError(
+                    f"no room for {target[2:]} ({len(data)} bytes) in the FAT partition: {detail} — "
+                    "write fewer or smaller files, or use an image with a bigger boot partition"
+                )
+            raise InfraError(f"mcopy could not write {target[2:]} into the FAT partition: {detail}")
 
 
 def _qemu_io_write(
@@ -1138,9 +1061,7 @@ def _qemu_io_write(
         )
 
 
-def _verify_written(
-    overlay: str, partition: Partition, part_file: str, runs: list[tuple[int, int]]
-) -> None:
+def _verify_written(overlay: str, partition: Partition, part_file: str, runs: list[tuple[int, int]]) -> None:
     """InfraError unless the overlay now reads back the edited bytes."""
     with Qcow2Source(overlay) as fresh, open(part_file, "rb") as fh:
         for off, length in runs:
@@ -1152,9 +1073,7 @@ def _verify_written(
                 )
 
 
-def write_config_json(
-    overlay_qcow2: StrPath, config: Mapping[str, Any], label: str = _DEFAULT_LABEL
-) -> None:
+def write_config_json(overlay_qcow2: StrPath, config: Mapping[str, Any], label: str = _DEFAULT_LABEL) -> None:
     """Replace ``/config.json`` in the partition labelled ``label`` of a qcow2 overlay.
 
     The JSON is indented by 4 and ends with a newline. Same refusals and
@@ -1164,9 +1083,7 @@ def write_config_json(
     try:
         text = json.dumps(config, indent=4) + "\n"
     except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"config.json for {p} cannot be written as JSON: {exc}"
-        ) from None
+        raise ConfigError(f"config.json for {p} cannot be written as JSON: {exc}") from None
     part = read_layout(p).by_label(label)
     write_files_to_fat_in_overlay(p, part, {"/config.json": text.encode("utf-8")})
 
@@ -1199,11 +1116,7 @@ def _hash_fd(fd: int, size: int, path: str) -> str:
         if sparse:
             try:
                 data_start = min(os.lseek(fd, pos, os.SEEK_DATA), size)
-                data_end = (
-                    min(os.lseek(fd, data_start, os.SEEK_HOLE), size)
-                    if data_start < size
-                    else size
-                )
+                data_end = min(os.lseek(fd, data_start, os.SEEK_HOLE), size) if data_start < size else size
             except OSError as exc:
                 if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
                     data_start = data_end = size
@@ -1215,18 +1128,14 @@ def _hash_fd(fd: int, size: int, path: str) -> str:
         while pos < data_end:
             n = os.preadv(fd, [view[: min(_HASH_BLOCK, data_end - pos)]], pos)
             if n <= 0:
-                raise ConfigError(
-                    f"{path} shrank while it was being hashed — do not modify the image during a run"
-                )
+                raise ConfigError(f"{path} shrank while it was being hashed — do not modify the image during a run")
             h.update(view[:n])
             pos += n
     return h.hexdigest()
 
 
 def _cache_path() -> Path:
-    root = os.environ.get("TESTBED_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "testbed"
-    )
+    root = os.environ.get("TESTBED_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "testbed")
     return Path(root) / _CACHE_FILE
 
 
@@ -1245,11 +1154,7 @@ def _load_cache(path: Path) -> dict[str, dict[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    entries = (
-        data.get("entries")
-        if isinstance(data, dict) and data.get("version") == 1
-        else None
-    )
+    entries = data.get("entries") if isinstance(data, dict) and data.get("version") == 1 else None
     return entries if isinstance(entries, dict) else {}
 
 
@@ -1260,16 +1165,12 @@ def _store_cache(path: Path, real: str, key: dict[str, int], digest: str) -> Non
         entries = _load_cache(path)
         entries[real] = {**key, "sha256": digest, "used": time.time()}
         if len(entries) > _CACHE_MAX_ENTRIES:
-            newest = sorted(
-                entries.items(), key=lambda kv: kv[1].get("used", 0), reverse=True
-            )
+            newest = sorted(entries.items(), key=lambda kv: kv[1].get("used", 0), reverse=True)
             entries = dict(newest[:_CACHE_MAX_ENTRIES])
         fd, tmp = tempfile.mkstemp(prefix=".sha256-cache-", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(
-                    {"version": 1, "entries": entries}, fh, indent=1, sort_keys=True
-                )
+                json.dump({"version": 1, "entries": entries}, fh, indent=1, sort_keys=True)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

@@ -242,7 +242,7 @@ def test_backup_gpt_used_when_primary_is_damaged(gpt_image: Path, tmp_path: Path
 def test_truncated_image_is_reported(gpt_image: Path, tmp_path: Path) -> None:
     img = tmp_path / "short.img"
     run("cp", "--sparse=always", gpt_image, img)
-    os.truncate(img, 40 * MiB)
+    os.truncate(img, 50 * MiB)
     with pytest.raises(ConfigError, match=r"short\.img: partition 5 ends at byte .* looks truncated"):
         read_layout(img)
 
@@ -290,6 +290,7 @@ def test_overlay_with_missing_backing_file(gpt_image: Path, tmp_path: Path) -> N
     run("cp", "--sparse=always", gpt_image, base)
     overlay = overlay_of(base, tmp_path / "orphan.qcow2")
     base.unlink()
+    assert qcow2_backing_file(overlay) == str(base.resolve())
     with pytest.raises(ConfigError, match=r"orphan\.qcow2: its backing file .*base\.img is missing"):
         read_layout(overlay)
 
@@ -330,6 +331,14 @@ def test_write_nested_files_and_overwrite(mbr_image: Path, tmp_path: Path) -> No
     assert read_config_json(overlay) == {"deviceType": "raspberrypi4-64"}
     with pytest.raises(ConfigError, match="/splash/big.bin not found"):
         read_file_from_fat(mbr_image, boot, "/splash/big.bin")
+
+
+def test_full_fat_partition_is_a_config_error(gpt_image: Path, tmp_path: Path) -> None:
+    overlay = overlay_of(gpt_image, tmp_path / "overlay.qcow2")
+    boot = read_layout(overlay).by_label("resin-boot")
+    with pytest.raises(ConfigError, match=r"no room for /huge\.bin \(12582912 bytes\) in the FAT partition"):
+        write_files_to_fat_in_overlay(overlay, boot, {"/huge.bin": bytes(12 * MiB)})
+    assert read_config_json(overlay) == CONFIG
 
 
 def test_invalid_config_json_reports_position(gpt_image: Path, tmp_path: Path) -> None:

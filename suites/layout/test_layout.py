@@ -23,6 +23,14 @@ def layout(image_under_test: ImageUnderTest) -> img.DiskLayout:
     return img.read_layout(image_under_test.path)
 
 
+def _part(layout: img.DiskLayout, label: str) -> img.Partition:
+    """The partition labelled ``label``; its absence is the image's defect, so a test failure."""
+    try:
+        return layout.by_label(label)
+    except img.MissingPartitionError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
 def _table(layout: img.DiskLayout) -> str:
     return "\n".join(
         f"{p.index}: name={p.name!r} label={p.label!r} fstype={p.fstype} size={p.size // MIB} MiB"
@@ -50,7 +58,7 @@ def test_filesystem_types(layout: img.DiskLayout, device_profile: Profile, offli
     offline_evidence("read filesystem superblocks from the image", _table(layout))
     wrong = []
     for spec in device_profile.layout.partitions:
-        part = layout.by_label(spec.label)
+        part = _part(layout, spec.label)
         if part.fstype != spec.fstype:
             wrong.append(f"{spec.label}: expected {spec.fstype}, found {part.fstype}")
     assert not wrong, "; ".join(wrong)
@@ -62,7 +70,7 @@ def test_sizes_within_profile_bounds(
     offline_evidence("read partition sizes from the image", _table(layout))
     wrong = []
     for spec in device_profile.layout.partitions:
-        size = layout.by_label(spec.label).size / MIB
+        size = _part(layout, spec.label).size / MIB
         if not spec.min_mib <= size <= spec.max_mib:
             wrong.append(f"{spec.label}: {size:.0f} MiB, expected {spec.min_mib}..{spec.max_mib} MiB")
     assert not wrong, "; ".join(wrong)
