@@ -12,6 +12,7 @@ import pytest
 
 from testbed import image as img
 from testbed.dut import DUT
+from testbed.errors import ConfigError
 from testbed.plugin import ImageUnderTest, OfflineEvidence
 from testbed.profile import Profile
 
@@ -80,7 +81,11 @@ def test_config_json_on_boot_partition_is_valid(
     image_under_test: ImageUnderTest, device_profile: Profile, offline_evidence: OfflineEvidence
 ) -> None:
     boot_label = device_profile.layout.partitions[0].label
-    config = img.read_config_json(image_under_test.path, boot_label)
+    try:
+        config = img.read_config_json(image_under_test.path, boot_label)
+    except ConfigError as exc:  # missing or invalid: the image's defect
+        offline_evidence(f"read /config.json from {boot_label} in the image", str(exc), ok=False)
+        pytest.fail(str(exc), pytrace=False)
     offline_evidence(f"read /config.json from {boot_label} in the image", json.dumps(config, indent=2))
     assert isinstance(config, dict), f"config.json on {boot_label} must be a JSON object, found {type(config).__name__}"
 
