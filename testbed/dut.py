@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed import image as img
 from testbed.console import CommandResult, Console, ConsoleLog
 from testbed.errors import DutError, InfraError
 from testbed.machines.qemu import QemuMachine
@@ -85,6 +86,19 @@ class ConsoleAccess:
         return self.raw.tail(lines)
 
 
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied; nested objects are merged, ``None`` removes a key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _describe_failure(result: CommandResult) -> str:
     out = (result.stdout + result.stderr).strip()[-1500:]
     return f"`{result.command}` exited {result.exit_code} over {result.transport}:\n{out}"
@@ -102,6 +116,8 @@ class DUT:
     state: str = "off"
     boots: list[BootRecord] = field(default_factory=list)
     sink: EvidenceSink | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     _snapshot_console_logged_in: dict[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,8 +125,8 @@ class DUT:
         self.console_log = ConsoleLog(self.console_log_path)
         self.console_log.open()
         self.machine = QemuMachine(self.profile, self.image, self.console_log, self.image_format)
-        key = load_or_create_key(cache_dir() / "keys" / "id_ed25519")
-        self.ssh = SshClient("127.0.0.1", self.machine.host_port("ssh"), self.profile.ssh.user, key)
+        self.key = load_or_create_key(cache_dir() / "keys" / "id_ed25519")
+        self.ssh = SshClient("127.0.0.1", self.machine.host_port("ssh"), self.profile.ssh.user, self.key)
         self.console = ConsoleAccess(self)
         self.power = Power(self)
 
@@ -125,8 +141,34 @@ class DUT:
         if self.machine.console is not None:
             self.machine.console.check_fault()
 
+    def prepare_disk(self) -> None:
+        """Create the overlay and write the effective config.json into it (never into the image).
+
+        testbed's public key is always added to ``os.sshKeys``: a production image lets in
+        only the keys its config.json lists.
+        """
+        if self.machine.prepared:
+            return
+        self.machine.prepare()
+        boot_label = self.profile.layout.partitions[0].label
+        config = img.read_config_json(self.machine.overlay, boot_label)
+        config = _merge(config, self.config_overrides)
+        public = f"{self.key.get_name()} {self.key.get_base64()} testbed"
+        os_section = config.setdefault("os", {})
+        keys = list(os_section.get("sshKeys") or [])
+        if public not in keys:
+            keys.append(public)
+        os_section["sshKeys"] = keys
+        img.write_config_json(self.machine.overlay, config, boot_label)
+        self.config = config
+
+    @property
+    def development_mode(self) -> bool:
+        return self.config.get("developmentMode") in (True, "true")
+
     def power_on(self, kind: str = "cold") -> BootRecord:
         """Power on and wait until SSH answers; the boot is recorded with its timings."""
+        self.prepare_disk()
         self.machine.power_on()
         self.state = "booting"
         return self._wait_boot(kind, self.machine.powered_on_at)

@@ -31,6 +31,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="disk image to test (.img or .qcow2); default: the reference image, built on demand",
     )
     group.addoption(
+        "--mode",
+        choices=["development", "production"],
+        default=None,
+        help="set developmentMode in the booted copy's config.json (default: as the image has it)",
+    )
+    group.addoption(
         "--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)"
     )
 
@@ -220,11 +226,13 @@ def dut(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
     except ConfigError as exc:
         pytest.exit(f"testbed: {exc}", returncode=rep.EXIT_USAGE)
     run_dir = testbed_state.open_run()
+    mode = testbed_state.config.getoption("--mode")
     device = DUT(
         profile=device_profile,
         image=image,
         image_format=testbed_state.image_format,
         console_log_path=run_dir / "console.log",
+        config_overrides={"developmentMode": mode == "development"} if mode else {},
     )
     testbed_state.dut = device
     device.sink = testbed_state.evidence

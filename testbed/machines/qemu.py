@@ -211,18 +211,18 @@ class QemuMachine:
         self.console: Console | None = None
         self.accel, self.accel_note = probe_accel(profile)
         self.powered_on_at = 0.0
-        self._prepared = False
+        self.prepared = False
 
     # -- disks -------------------------------------------------------------------------
     def prepare(self) -> None:
         """Create the overlay and the firmware variables copy (once per device)."""
-        if self._prepared:
+        if self.prepared:
             return
         require_tool(self.settings.binary, "qemu-system-x86" if "x86" in self.settings.binary else "qemu-system-arm")
         _code, vars_template = _firmware_paths(self.settings, self.profile.source)
         _qemu_img("create", "-q", "-f", "qcow2", "-F", self.image_format, "-b", str(self.image), str(self.overlay))
         _qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", str(vars_template), str(self.vars))
-        self._prepared = True
+        self.prepared = True
 
     def host_port(self, name: str) -> int:
         return self.forwards[name].host_port
