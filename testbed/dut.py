@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed import image as img
-from testbed.console import CommandResult, Console, ConsoleLog
+from testbed.console import CommandResult, Console, ConsoleLog, utcnow
 from testbed.errors import DutError, InfraError
 from testbed.machines.qemu import QemuMachine
 from testbed.profile import Profile
@@ -253,6 +253,24 @@ class DUT:
         if check and not result.ok:
             raise DutError(_describe_failure(result))
         return result
+
+    def record_note(self, what: str, output: str, ok: bool = True, transport: str = "farm") -> None:
+        """Evidence for something checked from the farm's side (an HTTP request, an SSH login)."""
+        self.record(
+            CommandResult(
+                command=what,
+                exit_code=0 if ok else 1,
+                stdout=output,
+                stderr="",
+                started=utcnow(),
+                duration_s=0.0,
+                transport=transport,
+            )
+        )
+
+    def endpoint(self, name: str) -> tuple[str, int]:
+        """Where the farm reaches a device service ("ssh", "engine") from this host."""
+        return "127.0.0.1", self.machine.host_port(name)
 
     def read_file(self, path: str) -> str:
         return self.run(f"cat {shlex.quote(path)}", check=True).stdout

@@ -77,6 +77,26 @@ class LayoutSpec(_Strict):
 class OsSpec(_Strict):
     slug: str
     machine: str
+    os_release_keys: list[str] = ["NAME", "VERSION", "VERSION_ID", "PRETTY_NAME", "MACHINE", "SLUG"]
+
+
+class RootfsSpec(_Strict):
+    """What the read-only root promises: paths persisted from resin-state, paths in RAM."""
+
+    persistent: list[str] = []
+    volatile: list[str] = ["/tmp", "/var/tmp", "/var/log"]
+
+
+class DevModeSpec(_Strict):
+    """Development-mode features and where they show."""
+
+    engine_port: int = 2375
+    gettys: list[str] = ["getty@tty1.service", "serial-getty@ttyS0.service"]
+
+
+class LoggingSpec(_Strict):
+    volatile_max_mib: int = 8
+    persistent_max_mib: int = 32
 
 
 class Profile(_Strict):
@@ -90,6 +110,9 @@ class Profile(_Strict):
     timeouts: Timeouts = Timeouts()
     layout: LayoutSpec
     os: OsSpec
+    rootfs: RootfsSpec = RootfsSpec()
+    dev: DevModeSpec = DevModeSpec()
+    logging: LoggingSpec = LoggingSpec()
 
     source: Path | None = None
 

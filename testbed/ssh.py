@@ -18,6 +18,9 @@ from testbed.util import wait_until
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 
+METHODS = ("none", "publickey", "password")
+
+
 class AuthRefused(DutError):
     """The device answered SSH but refused every way testbed tried to log in."""
 
@@ -57,7 +60,7 @@ class SshClient:
     def connected(self) -> bool:
         return self.transport is not None and self.transport.is_active() and self.transport.is_authenticated()
 
-    def connect_once(self, timeout: float = 10.0) -> None:
+    def connect_once(self, timeout: float = 10.0, methods: tuple[str, ...] = METHODS) -> None:
         """One attempt: TCP, banner, key exchange, authentication. Raises on any failure."""
         self.close()
         sock = socket.create_connection((self.host, self.port), timeout=timeout)
@@ -73,35 +76,39 @@ class SshClient:
             transport.close()
             raise
         self.transport = transport
-        self._authenticate(transport)
+        self._authenticate(transport, methods)
         transport.set_keepalive(15)
 
-    def _authenticate(self, transport: paramiko.Transport) -> None:
-        tried = []
-        try:
-            transport.auth_none(self.user)
-            self.auth_method = "none"
-        except paramiko.BadAuthenticationType as exc:
-            tried.append("none")
-            allowed = exc.allowed_types
-            if self.key is not None and "publickey" in allowed:
-                try:
+    def _authenticate(self, transport: paramiko.Transport, methods: tuple[str, ...]) -> None:
+        tried: list[str] = []
+        allowed: list[str] = ["publickey", "password"]
+        for method in methods:
+            if transport.is_authenticated():
+                break
+            if method != "none" and method not in allowed:
+                continue
+            try:
+                if method == "none":
+                    transport.auth_none(self.user)
+                elif method == "publickey" and self.key is not None:
                     transport.auth_publickey(self.user, self.key)
-                    self.auth_method = "publickey"
-                except paramiko.AuthenticationException:
-                    tried.append("publickey")
-            if not transport.is_authenticated() and "password" in allowed:
-                try:
+                elif method == "password":
                     transport.auth_password(self.user, "")
-                    self.auth_method = "empty-password"
-                except paramiko.AuthenticationException:
-                    tried.append("empty password")
-        except paramiko.AuthenticationException:
-            tried.append("none")
+                else:
+                    continue
+                self.auth_method = {"password": "empty-password"}.get(method, method)
+            except paramiko.BadAuthenticationType as exc:
+                tried.append(method)
+                allowed = list(exc.allowed_types)
+            except paramiko.AuthenticationException:
+                tried.append(method)
         if not transport.is_authenticated():
             transport.close()
             self.transport = None
-            raise AuthRefused(f"SSH {self.user}@{self.host}:{self.port} refused login (tried: {', '.join(tried)})")
+            raise AuthRefused(
+                f"SSH {self.user}@{self.host}:{self.port} refused login "
+                f"(tried: {', '.join(tried) or 'nothing the server allows'}; server allows: {', '.join(allowed)})"
+            )
 
     def wait_ready(self, timeout: float, abort: Callable[[], None] | None = None) -> float:
         """Connect, retrying until the device's sshd answers and lets us in; return seconds taken.

@@ -1,0 +1,100 @@
+"""Development and production modes, each checked against the mode the device booted in.
+
+Development: passwordless root over SSH on 22222, a Docker API on 2375, gettys on tty1 and
+the serial console. Production: passwordless login refused, keys from config.json accepted,
+2375 closed, no getty.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+
+from testbed.dut import DUT
+from testbed.profile import Profile
+from testbed.ssh import AuthRefused, SshClient
+
+
+@pytest.fixture(scope="module")
+def mode(dut: DUT) -> str:
+    return "development" if dut.development_mode else "production"
+
+
+def _http_get(host: str, port: int, path: str) -> tuple[int, str] | str:
+    """(status, body), or the reason no HTTP answer came."""
+    conn = http.client.HTTPConnection(host, port, timeout=15)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+
+
+def test_passwordless_root_login_matches_mode(dut: DUT, mode: str) -> None:
+    host, port = dut.endpoint("ssh")
+    anonymous = SshClient(host, port, dut.profile.ssh.user, key=None)
+    try:
+        anonymous.connect_once(timeout=20)
+        outcome = f"accepted ({anonymous.auth_method})"
+    except AuthRefused as exc:
+        outcome = f"refused: {exc}"
+    finally:
+        anonymous.close()
+    dut.record_note(f"ssh {dut.profile.ssh.user}@{host}:{port} without a key or password", outcome)
+    if mode == "development":
+        assert outcome.startswith("accepted"), f"development mode must allow passwordless root on SSH; {outcome}"
+    else:
+        assert outcome.startswith("refused"), f"production mode must refuse passwordless root on SSH; it was {outcome}"
+
+
+def test_key_from_config_json_logs_in(dut: DUT) -> None:
+    host, port = dut.endpoint("ssh")
+    client = SshClient(host, port, dut.profile.ssh.user, key=dut.key)
+    try:
+        client.connect_once(timeout=20, methods=("publickey",))
+        outcome = f"accepted ({client.auth_method})"
+    except AuthRefused as exc:
+        outcome = f"refused: {exc}"
+    finally:
+        client.close()
+    dut.record_note(f"ssh {dut.profile.ssh.user}@{host}:{port} with the key listed in config.json os.sshKeys", outcome)
+    assert outcome == "accepted (publickey)", f"a key listed in config.json os.sshKeys must log in; {outcome}"
+
+
+def test_engine_api_matches_mode(dut: DUT, device_profile: Profile, mode: str) -> None:
+    port = device_profile.dev.engine_port
+    listening = dut.run(f"ss -Htln 'sport = :{port}'").stdout.strip()
+    host, fwd = dut.endpoint("engine")
+    ping = _http_get(host, fwd, "/_ping")
+    dut.record_note(f"GET http://{host}:{fwd}/_ping (forwarded to the device's {port})", repr(ping))
+    if mode == "development":
+        assert ping == (200, "OK"), f"development mode must answer the Docker API /_ping on {port} with OK; got {ping}"
+        version = _http_get(host, fwd, "/version")
+        dut.record_note(f"GET http://{host}:{fwd}/version", repr(version))
+        assert isinstance(version, tuple) and version[0] == 200, f"/version on {port} failed: {version}"
+        info = json.loads(version[1])
+        assert info.get("ApiVersion") and info.get("Version"), f"/version on {port} lacks Version/ApiVersion: {info}"
+    else:
+        assert not listening, f"production mode must not listen on {port}; `ss -tln` shows: {listening}"
+        assert not isinstance(ping, tuple), f"production mode must not answer on {port}; /_ping gave {ping}"
+
+
+def test_gettys_match_mode(dut: DUT, device_profile: Profile, mode: str) -> None:
+    units = " ".join(device_profile.dev.gettys)
+    states = dut.run(f"systemctl is-active {units}").stdout.split()
+    found = dict(zip(device_profile.dev.gettys, states, strict=False))
+    if mode == "development":
+        inactive = [u for u, s in found.items() if s != "active"]
+        assert not inactive, f"development mode must run {device_profile.dev.gettys}; not active: {found}"
+        login = dut.console.run("tty")
+        assert login.exit_code == 0 and "/dev/ttyS" in login.stdout, (
+            f"a root login on the serial console must give a shell; `tty` said {login.stdout!r}"
+        )
+    else:
+        active = [u for u, s in found.items() if s == "active"]
+        assert not active, f"production mode must not run a getty; active: {active}"

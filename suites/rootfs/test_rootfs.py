@@ -1,0 +1,91 @@
+"""Read-only root: / is ro, writes fail with EROFS, state is bind-mounted from resin-state and
+survives a reboot, volatile paths are in RAM, and nothing mounts the root device writable."""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+
+from testbed.dut import DUT
+from testbed.profile import Profile
+
+
+def _state_device(dut: DUT, profile: Profile) -> str:
+    label = profile.layout.partitions[3].label
+    return dut.run(f"readlink -f /dev/disk/by-label/{label}").stdout.strip()
+
+
+def test_root_is_mounted_read_only(dut: DUT) -> None:
+    options = dut.run("findmnt -n -o OPTIONS /", check=True).stdout.strip()
+    assert "ro" in options.split(","), f"expected / mounted read-only, `findmnt -n -o OPTIONS /` says {options}"
+
+
+def test_writes_to_root_fail_with_erofs(dut: DUT) -> None:
+    probe = "/.testbed-write-probe"
+    result = dut.run(f"touch {probe}")
+    if result.exit_code == 0:
+        dut.run(f"rm -f {probe}")
+    assert result.exit_code != 0, f"expected `touch {probe}` to fail on a read-only root, it succeeded"
+    assert "Read-only file system" in result.stderr, (
+        f"expected EROFS from `touch {probe}`, got: {result.stderr.strip()}"
+    )
+
+
+def test_persistent_paths_are_bind_mounts_from_resin_state(dut: DUT, device_profile: Profile) -> None:
+    state = _state_device(dut, device_profile)
+    paths = device_profile.rootfs.persistent
+    script = "; ".join(
+        f"printf '%s %s\\n' {shlex.quote(p)} \"$(findmnt -n -r -o SOURCE --mountpoint {shlex.quote(p)} || echo NONE)\""
+        for p in paths
+    )
+    lines = dict(line.split(" ", 1) for line in dut.run(script, check=True).stdout.splitlines())
+    wrong = {p: src for p, src in lines.items() if src.split("[", 1)[0] != state}
+    assert not wrong, f"expected each of {paths} bind-mounted from resin-state ({state}); not so: " + ", ".join(
+        f"{p} <- {src}" for p, src in wrong.items()
+    )
+
+
+def test_persistent_paths_survive_a_reboot(fresh_dut: DUT, device_profile: Profile) -> None:
+    """Change every persistent path (a marker file in a directory, a new mtime on a file), reboot, find it."""
+    dut = fresh_dut
+    token = secrets.token_hex(4)
+    stamp = "2001-02-03 04:05:06"
+    for path in device_profile.rootfs.persistent:
+        q = shlex.quote(path)
+        dut.run(
+            f"if [ -d {q} ]; then echo {token} > {q}/.testbed-persist-{token}; else touch -d '{stamp}' {q}; fi",
+            check=True,
+        )
+    dut.run("sync", check=True)
+    dut.reboot()
+    lost = []
+    for path in device_profile.rootfs.persistent:
+        q = shlex.quote(path)
+        found = dut.run(
+            f"if [ -d {q} ]; then cat {q}/.testbed-persist-{token}; else date -r {q} '+%Y-%m-%d %H:%M:%S'; fi"
+        ).stdout.strip()
+        if found not in (token, stamp):
+            lost.append(path)
+    assert not lost, f"changes to {lost} did not survive a reboot (wrote a marker or mtime {stamp!r}, rebooted)"
+
+
+def test_volatile_paths_are_in_ram(dut: DUT, device_profile: Profile) -> None:
+    paths = device_profile.rootfs.volatile
+    script = "; ".join(
+        f"printf '%s %s\\n' {shlex.quote(p)} \"$(findmnt -n -o FSTYPE --mountpoint {shlex.quote(p)} || echo none)\""
+        for p in paths
+    )
+    types = dict(line.split(" ", 1) for line in dut.run(script, check=True).stdout.splitlines())
+    wrong = {p: t for p, t in types.items() if t != "tmpfs"}
+    assert not wrong, f"expected tmpfs on {paths}; found " + ", ".join(f"{p}: {t}" for p, t in wrong.items())
+
+
+def test_no_writable_mount_of_the_root_device(dut: DUT) -> None:
+    root = dut.run("findmnt -n -o SOURCE /", check=True).stdout.strip().split("[", 1)[0]
+    mounts = dut.run("findmnt -r -n -o TARGET,SOURCE,OPTIONS", check=True).stdout.splitlines()
+    writable = []
+    for line in mounts:
+        target, source, options = line.split(" ", 2)
+        if source.split("[", 1)[0] == root and "rw" in options.split(","):
+            writable.append(f"{target} ({options})")
+    assert not writable, f"the root device {root} is mounted writable at: {', '.join(writable)}"
