@@ -9,13 +9,13 @@ nox.options.sessions = ["lint", "tests"]
 
 
 def _install(session: nox.Session, *extra: str) -> None:
-    session.install("-e", ".", *extra)
+    session.install(*(extra or ("-e", ".")))
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The project's own tests, including real boots of the reference image on QEMU."""
-    _install(session)
+    _install(session, "-e", ".[boards]")
     session.run("pytest", "tests", *session.posargs)
 
 
