@@ -215,6 +215,13 @@ class ConsoleLog:
             line = _clean(raw)
             lines.append(line)
             self._write_line(line)
+        # A prompt has no newline until someone answers it; log it when it appears so the
+        # log's timeline shows when the device was ready for a login.
+        if _PROMPT_END.search(self._partial):
+            line = _clean(bytes(self._partial))
+            self._partial.clear()
+            lines.append(line)
+            self._write_line(line)
         return lines
 
     def partial(self) -> str:
@@ -236,6 +243,7 @@ class ConsoleLog:
             self._fh = None
 
 
+_PROMPT_END = re.compile(rb"login: ?$")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
 
 

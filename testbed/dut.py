@@ -5,6 +5,7 @@ States: off -> booting -> ssh-ready. Tests talk to a DUT, never to QEMU or a ser
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from collections.abc import Callable
@@ -117,6 +118,7 @@ class DUT:
     boots: list[BootRecord] = field(default_factory=list)
     sink: EvidenceSink | None = None
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    boot_files: dict[str, bytes] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     _snapshot_console_logged_in: dict[str, bool] = field(default_factory=dict)
 
@@ -160,6 +162,9 @@ class DUT:
             keys.append(public)
         os_section["sshKeys"] = keys
         img.write_config_json(self.machine.overlay, config, boot_label)
+        if self.boot_files:
+            layout = img.read_layout(self.machine.overlay)
+            img.write_files_to_fat_in_overlay(self.machine.overlay, layout.by_label(boot_label), self.boot_files)
         self.config = config
 
     @property
@@ -169,9 +174,15 @@ class DUT:
     def power_on(self, kind: str = "cold") -> BootRecord:
         """Power on and wait until SSH answers; the boot is recorded with its timings."""
         self.prepare_disk()
-        self.machine.power_on()
+        console = self.machine.power_on()
+        console.watchers.append(self._watch_console)
         self.state = "booting"
         return self._wait_boot(kind, self.machine.powered_on_at)
+
+    def _watch_console(self, line: str) -> None:
+        """Runs on the console reader thread: note when this boot offered a login."""
+        if self.boots and self.boots[-1].login_prompt_s is None and re.search(r"login: ?$", line):
+            self.boots[-1].login_prompt_s = round(time.monotonic() - self.boots[-1].started, 3)
 
     def _wait_boot(self, kind: str, started: float) -> BootRecord:
         record = BootRecord(kind=kind, started=started)

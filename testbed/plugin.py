@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,6 +108,15 @@ class TestbedState:
 
         if self.image is not None and not self.image_sha256:
             self.image_sha256 = img.sha256_file(self.image)
+        if self.image is not None and "partitions" not in self.facts:
+            try:
+                layout = img.read_layout(self.image)
+                self.facts["partition_table"] = layout.table
+                self.facts["partitions"] = [
+                    {"label": p.label or p.name, "fstype": p.fstype, "size": p.size} for p in layout.partitions
+                ]
+            except ConfigError:
+                pass
         tests = list(self.tests.values())
         result = rep.overall_result(tests)
         boots = self.dut.boots if self.dut else []
@@ -132,6 +141,12 @@ class TestbedState:
         rep.write_json(self.run_dir / "report.json", report)
         rep.write_junit(self.run_dir / "junit.xml", report)
         rep.point_latest(self.run_dir)
+        try:
+            from testbed.report.html import render_html
+
+            render_html(self.run_dir)
+        except Exception as exc:  # noqa: BLE001 - a rendering bug must not change the verdict
+            self._say(f"report.html not written: {type(exc).__name__}: {exc}")
         return result
 
 
@@ -252,6 +267,41 @@ def dut(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
         device.close()
 
 
+@pytest.fixture(scope="session")
+def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterator[Callable[..., DUT]]:
+    """Boot more devices from the same image with their own config.json and boot files.
+
+    ``make(name, config_overrides={...}, boot_files={"/system-connections/x": b"..."})``
+    returns a booted DUT (its own overlay, console log ``console-<name>.log``); all are
+    closed at the end of the session. For checks of what an image does with a config
+    given before its first boot.
+    """
+    made: list[DUT] = []
+    mode = testbed_state.config.getoption("--mode")
+
+    def make(name: str, config_overrides: dict[str, Any] | None = None, boot_files: dict[str, bytes] | None = None) -> DUT:
+        image = testbed_state.resolve_image()
+        run_dir = testbed_state.open_run()
+        overrides = {"developmentMode": mode == "development"} if mode else {}
+        device = DUT(
+            profile=device_profile,
+            image=image,
+            image_format=testbed_state.image_format,
+            console_log_path=run_dir / f"console-{name}.log",
+            name=f"{device_profile.name}-{name}",
+            config_overrides={**overrides, **(config_overrides or {})},
+            boot_files=boot_files or {},
+        )
+        device.sink = testbed_state.evidence
+        made.append(device)
+        device.power_on()
+        return device
+
+    yield make
+    for device in made:
+        device.close()
+
+
 @pytest.fixture
 def fresh_dut(dut: DUT) -> DUT:
     """The device as it was right after its first boot (a snapshot restore, about a second)."""
@@ -339,4 +389,4 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         f"{state.device_name}: {result.upper()}  ({c['passed']} passed, {c['failed']} failed, "
         f"{c['error']} infra errors, {c['skipped']} skipped)" + (f"; boot to SSH {cold:.1f}s" if cold else "")
     )
-    terminalreporter.write_line(f"report: {state.run_dir}/report.json  junit.xml  console.log")
+    terminalreporter.write_line(f"report: {state.run_dir}/report.html  (report.json, junit.xml, console.log)")
