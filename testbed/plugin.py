@@ -309,6 +309,14 @@ def fresh_dut(dut: DUT) -> DUT:
     return dut
 
 
+DEVICE_FIXTURES = {"dut", "fresh_dut", "dut_factory"}
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Offline checks (the image file alone) run first: a broken image fails fast, before any boot."""
+    items.sort(key=lambda item: bool(DEVICE_FIXTURES & set(getattr(item, "fixturenames", ()))))
+
+
 # -- evidence and outcomes ----------------------------------------------------------------
 def pytest_runtest_setup(item: pytest.Item) -> None:
     state = _state(item.config)

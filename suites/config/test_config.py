@@ -1,0 +1,82 @@
+"""config.json: each key the image applies, set before the first boot and edited on the device.
+
+The device under ``configured`` booted with hostname, dnsServers, ntpServers, persistentLogging
+and an extra os.sshKeys entry written into its boot partition; the session's device has its
+config.json edited in place and is rebooted.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from suites.conftest import CONFIGURED, Configured
+from testbed.dut import DUT
+from testbed.ssh import AuthRefused, SshClient
+
+
+def _hostname(dut: DUT) -> tuple[str, str]:
+    out = dut.run("hostname; cat /etc/hostname", check=True).stdout.split()
+    return (out + ["", ""])[0], (out + ["", ""])[1]
+
+
+def _chrony_sources(dut: DUT) -> str:
+    return dut.run("chronyc -n sources").stdout
+
+
+def test_hostname_set_before_boot(configured: Configured) -> None:
+    running, stored = _hostname(configured.dut)
+    want = CONFIGURED["hostname"]
+    assert (running, stored) == (want, want), (
+        f"config.json hostname {want!r}: `hostname` says {running!r}, /etc/hostname says {stored!r}"
+    )
+
+
+def test_ssh_key_set_before_boot_logs_in(configured: Configured) -> None:
+    host, port = configured.dut.endpoint("ssh")
+    client = SshClient(host, port, configured.dut.profile.ssh.user, key=configured.extra_key)
+    try:
+        client.connect_once(timeout=20, methods=("publickey",))
+        outcome = "accepted"
+    except AuthRefused as exc:
+        outcome = f"refused: {exc}"
+    finally:
+        client.close()
+    configured.dut.record_note("ssh with the extra key listed in config.json os.sshKeys", outcome)
+    assert outcome == "accepted", f"a key from config.json os.sshKeys must log in; {outcome}"
+
+
+def test_dns_servers_set_before_boot_reach_dnsmasq(configured: Configured) -> None:
+    servers = configured.dut.run("cat /run/dnsmasq.servers; systemctl is-active dnsmasq").stdout
+    missing = [s for s in str(CONFIGURED["dnsServers"]).split() if f"server={s}" not in servers]
+    assert not missing and servers.strip().endswith("active"), (
+        f"config.json dnsServers {CONFIGURED['dnsServers']!r} must reach a running dnsmasq; "
+        f"missing {missing}; /run/dnsmasq.servers and dnsmasq state: {servers.strip()!r}"
+    )
+
+
+def test_ntp_servers_set_before_boot_reach_chrony(configured: Configured) -> None:
+    sources = _chrony_sources(configured.dut)
+    missing = [s for s in str(CONFIGURED["ntpServers"]).split() if s not in sources]
+    assert not missing, f"config.json ntpServers {missing} are not chrony sources; `chronyc -n sources`:\n{sources}"
+
+
+def test_edits_on_the_device_apply_after_a_reboot(fresh_dut: DUT) -> None:
+    dut = fresh_dut
+    edits = {"hostname": "tb-edited", "ntpServers": "192.0.2.124", "dnsServers": "192.0.2.54"}
+    jq = " | ".join(f".{k} = {json.dumps(v)}" for k, v in edits.items())
+    dut.run(
+        f"jq {shlex.quote(jq)} /mnt/boot/config.json > /mnt/boot/config.json.new && "
+        "mv /mnt/boot/config.json.new /mnt/boot/config.json && sync",
+        check=True,
+    )
+    dut.reboot()
+    problems = []
+    running, stored = _hostname(dut)
+    if (running, stored) != (edits["hostname"], edits["hostname"]):
+        problems.append(f"hostname: `hostname` {running!r}, /etc/hostname {stored!r}")
+    if edits["ntpServers"] not in _chrony_sources(dut):
+        problems.append(f"ntpServers {edits['ntpServers']} not among chrony sources")
+    if f"server={edits['dnsServers']}" not in dut.run("cat /run/dnsmasq.servers").stdout:
+        problems.append(f"dnsServers {edits['dnsServers']} not in /run/dnsmasq.servers")
+    assert not problems, f"after editing /mnt/boot/config.json ({edits}) and rebooting: " + "; ".join(problems)
