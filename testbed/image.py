@@ -1218,3 +1218,60 @@ def sha256_file(path: StrPath, *, use_cache: bool = True) -> str:
     if use_cache and after == key:
         _store_cache(cache, real, key, digest)
     return digest
+
+
+def edit_ext4_in_overlay(overlay_qcow2: StrPath, partition: Partition, files: Mapping[str, bytes | None]) -> None:
+    """Replace (bytes) or delete (None) files in an ext2/3/4 partition of a qcow2 overlay.
+
+    For making a defective copy of an image offline (the proofs that each suite check can
+    fail): the partition is copied out of the overlay, edited with ``debugfs -w`` (no mount,
+    no loop device), and the changed blocks are written back with ``qemu-io``, exactly as
+    :func:`write_files_to_fat_in_overlay` does. New files keep the mode of the file they
+    replace (0644 if new). Same refusals as that function: never a user's image.
+    """
+    p = os.fspath(overlay_qcow2)
+    if image_format(p) != "qcow2":
+        raise ConfigError(f"refusing to write to {p}: testbed edits only qcow2 overlays, never a user's image")
+    if not partition.fstype.startswith("ext"):
+        raise ConfigError(f"{partition.describe()} of {p} is not ext2/3/4; edit_ext4_in_overlay cannot edit it")
+    with Qcow2Source(p) as src:
+        if src.backing_file is None:
+            raise ConfigError(f"refusing to write to {p}: a qcow2 without a backing file is not an overlay")
+        with tempfile.TemporaryDirectory(prefix="testbed-ext4-") as tmp:
+            part_file = os.path.join(tmp, "partition.img")
+            extract_partition(src, partition, part_file)
+            script = []
+            for i, (path, data) in enumerate(files.items()):
+                if not path.startswith("/") or any(c in path for c in ' "\n'):
+                    raise ConfigError(f"edit_ext4_in_overlay: {path!r} must be an absolute path without blanks")
+                mode = _ext4_mode(part_file, path)
+                script.append(f"rm {path}")
+                if data is not None:
+                    payload = os.path.join(tmp, f"payload-{i}")
+                    with open(payload, "wb") as fh:
+                        fh.write(data)
+                    directory, name = path.rsplit("/", 1)
+                    script += [f"cd {directory or '/'}", f"write {payload} {name}", "cd /"]
+                    script.append(f"set_inode_field {path} mode 0{(mode or 0o100644):o}")
+            script_file = os.path.join(tmp, "debugfs.cmds")
+            with open(script_file, "w") as fh:
+                fh.write("\n".join(script) + "\n")
+            proc = _run_tool(["debugfs", "-w", "-f", script_file, part_file])
+            if proc.returncode != 0 or b"error" in (proc.stderr or b"").lower():
+                raise InfraError(f"debugfs could not edit {partition.describe()}: {_tool_output(proc)}")
+            runs = _changed_runs(src, partition, part_file)
+            if not runs:
+                return
+            _qemu_io_write(p, partition, part_file, runs, tmp)
+            _verify_written(p, partition, part_file, runs)
+
+
+def _ext4_mode(part_file: str, path: str) -> int | None:
+    """The inode mode of ``path`` in an ext filesystem image, or None if it does not exist."""
+    proc = _run_tool(["debugfs", "-R", f"stat {path}", part_file])
+    found = re.search(rb"Mode:\s+(\d+)", proc.stdout or b"")
+    type_ = re.search(rb"Type: (\w+)", proc.stdout or b"")
+    if not found:
+        return None
+    kind = 0o100000 if not type_ or type_.group(1) == b"regular" else 0o120000
+    return kind | int(found.group(1), 8)
