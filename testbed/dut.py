@@ -191,7 +191,10 @@ class DUT:
             self.ssh.wait_ready(self.profile.timeouts.boot_to_ssh, abort=self._abort_if_dead)
         except DutError as exc:
             tail = self.machine.console.tail() if self.machine.console else ""
-            raise DutError(f"{self.name} did not become ready over SSH: {exc}\nlast console lines:\n{tail}") from None
+            raise DutError(
+                f"{self.name} did not become ready over SSH on port {self.profile.ssh.port} "
+                f"(forwarded to {self.ssh.host}:{self.ssh.port}): {exc}\nlast console lines:\n{tail}"
+            ) from None
         record.ssh_ready_s = round(time.monotonic() - started, 3)
         self.console_log.mark(f"ssh ready after {record.ssh_ready_s:.1f}s ({kind})")
         self.state = "ssh-ready"

@@ -1220,8 +1220,16 @@ def sha256_file(path: StrPath, *, use_cache: bool = True) -> str:
     return digest
 
 
-def edit_ext4_in_overlay(overlay_qcow2: StrPath, partition: Partition, files: Mapping[str, bytes | None]) -> None:
+def edit_ext4_in_overlay(
+    overlay_qcow2: StrPath,
+    partition: Partition,
+    files: Mapping[str, bytes | None],
+    commands: tuple[str, ...] = (),
+) -> None:
     """Replace (bytes) or delete (None) files in an ext2/3/4 partition of a qcow2 overlay.
+
+    ``commands`` are further debugfs requests run after the file edits (for example
+    ``set_super_value volume_name NEW`` to relabel the filesystem).
 
     For making a defective copy of an image offline (the proofs that each suite check can
     fail): the partition is copied out of the overlay, edited with ``debugfs -w`` (no mount,
@@ -1253,6 +1261,7 @@ def edit_ext4_in_overlay(overlay_qcow2: StrPath, partition: Partition, files: Ma
                     directory, name = path.rsplit("/", 1)
                     script += [f"cd {directory or '/'}", f"write {payload} {name}", "cd /"]
                     script.append(f"set_inode_field {path} mode 0{(mode or 0o100644):o}")
+            script += list(commands)
             script_file = os.path.join(tmp, "debugfs.cmds")
             with open(script_file, "w") as fh:
                 fh.write("\n".join(script) + "\n")

@@ -1,0 +1,667 @@
+"""Builder for the testbed reference OS disk image.
+
+The testbed reference OS is a miniature embedded-Linux OS made from Debian
+bookworm packages, used to exercise the testbed itself. Its recipe lives in
+``images/`` at the top of the repository:
+
+* ``images/packages.txt``       packages installed into the root filesystem
+* ``images/hooks/``             mmdebstrap hooks (``customize.sh`` applies the
+                                 recipe to the root filesystem)
+* ``images/rootfs/``            files copied into the root filesystem
+* ``images/boot/``              GRUB configuration and the default config.json
+
+:func:`build` turns the recipe into a raw GPT disk image with five
+partitions (resin-boot, resin-rootA, resin-rootB, resin-state, resin-data)
+without loop devices or mounts: mmdebstrap builds the root filesystem into a
+directory, ``mkfs.ext4 -d`` and ``mkfs.vfat`` + mtools build the
+filesystems as separate files and these are copied (sparsely) into the disk
+image partitioned with ``sfdisk``.
+
+Images are cached under ``<cache>/images/<hash>/`` where the hash covers every
+file of the recipe, this module's source and the build options; downloaded
+packages are kept in ``<cache>/apt-archives`` across builds.
+
+Command line: ``python -m testbed.reference [--version X] [--cache-dir D]
+[--force]`` prints progress and, last, the path of the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+__all__ = [
+    "BuildError",
+    "BuildOptions",
+    "IMAGE_NAME",
+    "MissingToolError",
+    "PARTITIONS",
+    "Partition",
+    "RECIPE_DIR",
+    "build",
+    "default_cache_dir",
+    "image_hash",
+    "main",
+]
+
+IMAGE_NAME = "testbed-ref-x86_64.img"
+MANIFEST_NAME = "manifest.json"
+BUILD_LOG_NAME = "build.log"
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "images"
+
+SUITE = "bookworm"
+ARCH = "amd64"
+APT_SOURCES = (
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+)
+# Not installed: documentation, manual pages and translations.
+DPKG_EXCLUDES = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+)
+
+MIB = 1024 * 1024
+SECTOR = 512
+# Free space left in each root filesystem, relative to its content.
+ROOT_HEADROOM = 0.30
+# Filesystem metadata of a root filesystem (journal, inode tables, ...).
+ROOT_METADATA = 48 * MIB
+
+GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+GPT_ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+GPT_LINUX_DATA = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+
+GRUB_PLATFORM_DIR = Path("/usr/lib/grub/x86_64-efi")
+GRUB_MODULES = (
+    "part_gpt", "part_msdos", "fat", "ext2", "search", "search_label",
+    "search_fs_uuid", "search_fs_file", "loadenv", "normal", "linux",
+    "configfile", "echo", "test", "serial", "terminal", "efi_gop", "boot",
+    "ls", "cat", "reboot", "halt",
+)
+GRUBENV_DEFAULTS = (("resin_root_part", "A"), ("upgrade_available", "0"), ("bootcount", "0"))
+
+_VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}$")
+
+Log = Callable[[str], object]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What varies between reference images built from the same recipe."""
+
+    version: str = "1.0.0"
+
+    def __post_init__(self) -> None:
+        if not _VERSION_RE.match(self.version):
+            raise ValueError(
+                f"invalid version {self.version!r}: use letters, digits and . + ~ _ - "
+                "(at most 64 characters, starting with a letter or digit)"
+            )
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One partition of the reference image; ``size`` of None means computed."""
+
+    label: str
+    fstype: str
+    type_guid: str
+    size: int | None
+
+
+PARTITIONS = (
+    Partition("resin-boot", "vfat", GPT_ESP, 40 * MIB),
+    Partition("resin-rootA", "ext4", GPT_ROOT_X86_64, None),
+    Partition("resin-rootB", "ext4", GPT_ROOT_X86_64, None),
+    Partition("resin-state", "ext4", GPT_LINUX_DATA, 64 * MIB),
+    Partition("resin-data", "ext4", GPT_LINUX_DATA, 512 * MIB),
+)
+
+# Host tool -> Debian package that provides it.
+HOST_TOOLS = {
+    "mmdebstrap": "mmdebstrap",
+    "chroot": "coreutils",
+    "tar": "tar",
+    "mkfs.ext4": "e2fsprogs",
+    "mkfs.vfat": "dosfstools",
+    "mmd": "mtools",
+    "mcopy": "mtools",
+    "sfdisk": "fdisk",
+    "grub-mkimage": "grub-common",
+    "grub-editenv": "grub-common",
+}
+_SBIN_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+class BuildError(RuntimeError):
+    """The reference image could not be built."""
+
+
+class MissingToolError(BuildError):
+    """A host tool needed for the build is not installed."""
+
+    def __init__(self, tool: str, package: str) -> None:
+        super().__init__(
+            f"missing host tool {tool!r}: install the Debian package {package!r} "
+            f"(apt-get install {package})"
+        )
+        self.tool = tool
+        self.package = package
+
+
+def default_cache_dir() -> Path:
+    """``$TESTBED_CACHE`` or ``~/.cache/testbed``."""
+    env = os.environ.get("TESTBED_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "testbed"
+
+
+def image_hash(options: BuildOptions = BuildOptions(), recipe_dir: Path = RECIPE_DIR) -> str:
+    """Hash naming the cache entry: recipe files, this module, the options."""
+    if not recipe_dir.is_dir():
+        raise BuildError(f"recipe directory {recipe_dir} not found")
+    digest = hashlib.sha256(b"testbed-ref image v1\0")
+    for path in sorted(recipe_dir.rglob("*")):
+        rel = path.relative_to(recipe_dir)
+        if "__pycache__" in rel.parts or path.suffix == ".pyc":
+            continue
+        name = rel.as_posix().encode()
+        if path.is_symlink():
+            digest.update(b"L\0" + name + b"\0" + os.readlink(path).encode() + b"\0")
+        elif path.is_file():
+            executable = b"x" if os.access(path, os.X_OK) else b"-"
+            data = path.read_bytes()
+            digest.update(b"F\0" + name + b"\0" + executable + str(len(data)).encode() + b"\0")
+            digest.update(data)
+        elif path.is_dir():
+            digest.update(b"D\0" + name + b"\0")
+    digest.update(b"S\0" + Path(__file__).read_bytes())
+    digest.update(b"O\0" + json.dumps(dataclasses.asdict(options), sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def build(
+    options: BuildOptions = BuildOptions(),
+    cache_dir: Path | None = None,
+    log: Log = print,
+    *,
+    force: bool = False,
+) -> Path:
+    """Build (or find in the cache) the reference image; return its path.
+
+    The image is ``<cache_dir>/images/<hash>/testbed-ref-x86_64.img`` with
+    ``manifest.json`` and ``build.log`` beside it. A cached image is
+    returned at once unless ``force`` is true. Concurrent builds (threads or
+    processes) are serialised with a lock file in ``<cache_dir>/images``.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = cache.absolute()
+    digest = image_hash(options)
+    images = cache / "images"
+    final_dir = images / digest
+    image = final_dir / IMAGE_NAME
+    if image.is_file() and not force:
+        return image
+
+    check_host()
+    images.mkdir(parents=True, exist_ok=True)
+    with _locked(images / ".lock", log):
+        if image.is_file() and not force:
+            log(f"reference image built meanwhile by another process: {image}")
+            return image
+        _remove_stale(images)
+        staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".tmp", dir=images))
+        try:
+            _Builder(options, cache, staging, digest, log).run()
+            if final_dir.exists():
+                old = images / f".{digest}.old.tmp"
+                os.rename(final_dir, old)
+                os.rename(staging, final_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, final_dir)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    log(f"reference image ready: {image}")
+    return image
+
+
+def check_host() -> None:
+    """Raise :class:`BuildError` unless this host can build the image."""
+    for tool, package in HOST_TOOLS.items():
+        if _which(tool) is None:
+            raise MissingToolError(tool, package)
+    if not (GRUB_PLATFORM_DIR / "linux.mod").is_file():
+        raise MissingToolError(f"GRUB x86_64-efi modules ({GRUB_PLATFORM_DIR})", "grub-efi-amd64-bin")
+    if os.geteuid() != 0:
+        raise BuildError(
+            "building the reference image needs root (mmdebstrap root mode and "
+            "root-owned files for mkfs.ext4 -d)"
+        )
+
+
+def _which(tool: str) -> str | None:
+    path = os.environ.get("PATH", os.defpath)
+    extra = [d for d in _SBIN_PATH if d not in path.split(os.pathsep)]
+    return shutil.which(tool, path=os.pathsep.join([path, *extra]))
+
+
+@contextlib.contextmanager
+def _locked(path: Path, log: Log) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another reference image build ({path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_stale(images: Path) -> None:
+    """Drop temporary directories left by interrupted builds (lock held)."""
+    for entry in images.glob(".*.tmp"):
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _align(value: int, unit: int = MIB) -> int:
+    return -(-value // unit) * unit
+
+
+class _Builder:
+    """One build, from the recipe to the image in ``staging``."""
+
+    def __init__(self, options: BuildOptions, cache: Path, staging: Path, digest: str, log: Log):
+        self.options = options
+        self.cache = cache
+        self.staging = staging
+        self.digest = digest
+        self.log = log
+        self.work = staging / "work"
+        self.rootfs = self.work / "rootfs"
+        self.apt_cache = cache / "apt-archives"
+        self.build_log = staging / BUILD_LOG_NAME
+        self.recipe = RECIPE_DIR
+        self.tool_path = os.pathsep.join(
+            [os.environ.get("PATH", os.defpath), *_SBIN_PATH]
+        )
+
+    # -- helpers -----------------------------------------------------------
+
+    def _run(self, argv: list[str], *, env: dict[str, str] | None = None,
+             stdin: str | None = None, echo: Callable[[str], bool] | None = None) -> str:
+        """Run argv, append its output to build.log and return it.
+
+        Lines for which ``echo`` returns true are passed to ``log`` as they
+        come. On failure the tail of the output is part of the exception.
+        """
+        full_env = dict(os.environ)
+        full_env["PATH"] = self.tool_path
+        full_env.setdefault("LC_ALL", "C.UTF-8")
+        if env:
+            full_env.update(env)
+        with open(self.build_log, "a", encoding="utf-8") as blog:
+            blog.write(f"\n$ {shlex.join(argv)}\n")
+            blog.flush()
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                text=True,
+                errors="replace",
+            )
+            if stdin is not None:
+                assert proc.stdin is not None
+                proc.stdin.write(stdin)
+                proc.stdin.close()
+            lines: list[str] = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                blog.write(line)
+                lines.append(line)
+                if echo is not None and echo(line):
+                    self.log("  " + line.rstrip())
+            code = proc.wait()
+        output = "".join(lines)
+        if code != 0:
+            tail = "".join(lines[-25:]).rstrip()
+            raise BuildError(
+                f"{Path(argv[0]).name} failed with exit code {code} "
+                f"(full log: {self.build_log}):\n{tail}"
+            )
+        return output
+
+    # -- steps ---------------------------------------------------------------
+
+    def run(self) -> None:
+        started = time.monotonic()
+        self.work.mkdir()
+        self.log(
+            f"building testbed reference OS {self.options.version} "
+            f"(recipe {self.recipe}, hash {self.digest})"
+        )
+        self._bootstrap()
+        packages = self._installed_packages()
+        self._prune_apt_cache(packages)
+        kernel = self._kernel_version()
+
+        boot = self._boot_filesystem()
+        root_size = self._root_size()
+        sizes = {p.label: (p.size if p.size is not None else root_size) for p in PARTITIONS}
+        filesystems = {
+            "resin-boot": boot,
+            "resin-rootA": self._ext4("resin-rootA", sizes["resin-rootA"], self.rootfs, reserved=0),
+            "resin-rootB": self._ext4("resin-rootB", sizes["resin-rootB"], None, reserved=0),
+            "resin-state": self._ext4("resin-state", sizes["resin-state"], self._state_tree()),
+            "resin-data": self._ext4("resin-data", sizes["resin-data"], self._data_tree()),
+        }
+        layout = self._assemble(sizes, filesystems)
+        shutil.rmtree(self.work)
+
+        seconds = round(time.monotonic() - started, 1)
+        image = self.staging / IMAGE_NAME
+        manifest = {
+            "name": "testbed reference OS",
+            "image": IMAGE_NAME,
+            "version": self.options.version,
+            "options": dataclasses.asdict(self.options),
+            "hash": self.digest,
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": seconds,
+            "size": image.stat().st_size,
+            "sector_size": SECTOR,
+            "suite": SUITE,
+            "architecture": ARCH,
+            "kernel": kernel,
+            "partitions": layout,
+            "packages": [{"name": n, "version": v} for n, v in sorted(packages.items())],
+        }
+        (self.staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        self.log(f"built in {seconds} s")
+
+    def _bootstrap(self) -> None:
+        packages = _read_packages(self.recipe / "packages.txt")
+        self.apt_cache.mkdir(parents=True, exist_ok=True)
+        archives = '"$1"/var/cache/apt/archives'
+        cache = shlex.quote(str(self.apt_cache))
+        hooks = self.recipe / "hooks"
+        argv = [
+            "mmdebstrap",
+            "--mode=auto",
+            "--variant=minbase",
+            f"--architectures={ARCH}",
+            "--include=" + ",".join(packages),
+            "--aptopt=Acquire::Retries \"3\"",
+            *(f"--dpkgopt={rule}" for rule in DPKG_EXCLUDES),
+            # Keep downloaded packages: the cache is filled from and to them.
+            "--skip=download/empty",
+            "--skip=essential/unlink",
+            # Keep the /var/lib/dbus/machine-id link made by customize.sh.
+            "--skip=cleanup/reproducible",
+            f"--setup-hook=mkdir -p {archives} && "
+            f"{{ cp -al {cache}/. {archives}/ 2>/dev/null || cp -a {cache}/. {archives}/; }}",
+            f"--essential-hook={shlex.quote(str(hooks / 'essential.sh'))} \"$1\"",
+            f"--customize-hook=for deb in {archives}/*.deb; do "
+            f"[ -e {cache}/\"${{deb##*/}}\" ] || cp -al \"$deb\" {cache}/ 2>/dev/null "
+            f"|| cp -a \"$deb\" {cache}/; done",
+            f"--customize-hook={shlex.quote(str(hooks / 'customize.sh'))} \"$1\"",
+            SUITE,
+            str(self.rootfs),
+            *APT_SOURCES,
+        ]
+        cached = len(list(self.apt_cache.glob("*.deb")))
+        self.log(
+            f"mmdebstrap: {SUITE} minbase + {len(packages)} packages "
+            f"({cached} .deb files in {self.apt_cache})"
+        )
+        started = time.monotonic()
+        self._run(
+            argv,
+            env={"TESTBED_RECIPE": str(self.recipe), "TESTBED_VERSION": self.options.version},
+            echo=lambda line: line.startswith(("I: ", "W: ", "E: ")),
+        )
+        self.log(f"mmdebstrap done in {time.monotonic() - started:.0f} s")
+
+    def _installed_packages(self) -> dict[str, str]:
+        status = (self.rootfs / "var/lib/dpkg/status").read_text(errors="replace")
+        packages: dict[str, str] = {}
+        for stanza in status.split("\n\n"):
+            fields = dict(
+                line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line.startswith(" ")
+            )
+            if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+                packages[fields["Package"]] = fields.get("Version", "")
+        return packages
+
+    def _prune_apt_cache(self, packages: dict[str, str]) -> None:
+        """Drop cached .deb files of packages this build installed in another version."""
+        wanted = {f"{name}_{version.replace(':', '%3a')}_" for name, version in packages.items()}
+        for deb in self.apt_cache.glob("*.deb"):
+            name = deb.name.split("_", 1)[0]
+            if name in packages and not any(deb.name.startswith(w) for w in wanted if w.startswith(name + "_")):
+                deb.unlink(missing_ok=True)
+
+    def _kernel_version(self) -> str:
+        kernel = (self.rootfs / "boot/vmlinuz")
+        if not kernel.is_symlink() or not (self.rootfs / "boot/initrd.img").exists():
+            raise BuildError("the root filesystem has no /boot/vmlinuz and /boot/initrd.img")
+        return os.readlink(kernel).removeprefix("vmlinuz-")
+
+    def _root_size(self) -> int:
+        content = _tree_usage(self.rootfs)
+        size = _align(int(content * (1 + ROOT_HEADROOM)) + ROOT_METADATA)
+        self.log(f"root filesystem: {content / MIB:.0f} MiB of content, partitions of {size // MIB} MiB")
+        return size
+
+    def _ext4(self, label: str, size: int, tree: Path | None, *, reserved: int | None = None) -> Path:
+        out = self.work / f"{label}.ext4"
+        with open(out, "wb") as handle:
+            handle.truncate(size)
+        argv = ["mkfs.ext4", "-q", "-F", "-L", label, "-E", "lazy_journal_init=1"]
+        if reserved is not None:
+            argv += ["-m", str(reserved)]
+        if tree is not None:
+            argv += ["-d", str(tree)]
+        self.log(f"mkfs.ext4 {label} ({size // MIB} MiB)")
+        self._run(argv + [str(out)])
+        return out
+
+    def _state_tree(self) -> Path:
+        """resin-state content: root-overlay/<path> for each path in /etc/state-binds."""
+        tree = self.work / "state"
+        overlay = tree / "root-overlay"
+        overlay.mkdir(parents=True)
+        binds = (self.rootfs / "etc/state-binds").read_text().split()
+        for path in binds:
+            if not path.startswith("/"):
+                continue
+            source = self.rootfs / path.lstrip("/")
+            target = overlay / path.lstrip("/")
+            if not source.exists():
+                raise BuildError(f"{path} is listed in /etc/state-binds but missing from the root filesystem")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._run(["cp", "-a", str(source), str(target)])
+        return tree
+
+    def _data_tree(self) -> Path:
+        tree = self.work / "data"
+        (tree / "containers").mkdir(parents=True)
+        return tree
+
+    def _boot_filesystem(self) -> Path:
+        """resin-boot: GRUB for EFI, its configuration and environment, config.json."""
+        boot = self.recipe / "boot"
+        grub = self.work / "grub"
+        grub.mkdir()
+        efi = grub / "BOOTX64.EFI"
+        self.log("grub-mkimage: EFI/BOOT/BOOTX64.EFI")
+        self._run([
+            "grub-mkimage", "-O", "x86_64-efi", "-d", str(GRUB_PLATFORM_DIR),
+            "-o", str(efi), "-p", "/EFI/BOOT", "-c", str(boot / "grub-early.cfg"),
+            *GRUB_MODULES,
+        ])
+        grubenv = grub / "grubenv"
+        self._run(["grub-editenv", str(grubenv), "create"])
+        self._run(["grub-editenv", str(grubenv), "set", *(f"{k}={v}" for k, v in GRUBENV_DEFAULTS)])
+
+        out = self.work / "resin-boot.vfat"
+        size = PARTITIONS[0].size
+        assert size is not None
+        self._run(["mkfs.vfat", "-n", "resin-boot", "-C", str(out), str(size // 1024)])
+        mtools = {"MTOOLS_SKIP_CHECK": "1"}
+        image = f"{out}"
+        self._run(["mmd", "-i", image, "::EFI", "::EFI/BOOT", "::system-connections"], env=mtools)
+        for source, target in (
+            (efi, "::EFI/BOOT/BOOTX64.EFI"),
+            (boot / "grub.cfg", "::EFI/BOOT/grub.cfg"),
+            (grubenv, "::grubenv"),
+            (boot / "config.json", "::config.json"),
+        ):
+            self._run(["mcopy", "-o", "-i", image, str(source), target], env=mtools)
+        return out
+
+    def _assemble(self, sizes: dict[str, int], filesystems: dict[str, Path]) -> list[dict[str, object]]:
+        """Partition a sparse disk image and copy the filesystems into it."""
+        image = self.staging / IMAGE_NAME
+        start = MIB
+        layout: list[dict[str, object]] = []
+        script = ["label: gpt", "unit: sectors", "first-lba: 2048", ""]
+        for number, part in enumerate(PARTITIONS, 1):
+            size = sizes[part.label]
+            layout.append({
+                "number": number,
+                "label": part.label,
+                "fstype": part.fstype,
+                "type": part.type_guid,
+                "start": start,
+                "size": size,
+                "start_sector": start // SECTOR,
+                "size_sectors": size // SECTOR,
+            })
+            script.append(
+                f"start={start // SECTOR}, size={size // SECTOR}, type={part.type_guid}, name=\"{part.label}\""
+            )
+            start += size
+        total = start + MIB  # room for the backup GPT
+        with open(image, "wb") as handle:
+            handle.truncate(total)
+        self.log(f"sfdisk: GPT with {len(PARTITIONS)} partitions, {total // MIB} MiB image")
+        self._run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)],
+                  stdin="\n".join(script) + "\n")
+        table = json.loads(self._run(["sfdisk", "--json", str(image)]))["partitiontable"]["partitions"]
+        for entry, row in zip(layout, table):
+            if row["start"] != entry["start_sector"] or row["size"] != entry["size_sectors"]:
+                raise BuildError(f"sfdisk laid out {entry['label']} differently: {row}")
+            entry["uuid"] = row.get("uuid")
+        with open(image, "r+b") as dst:
+            for entry in layout:
+                src = filesystems[str(entry["label"])]
+                _sparse_copy(src, dst.fileno(), int(entry["start"]), int(entry["size"]))
+                src.unlink()
+        return layout
+
+
+def _read_packages(path: Path) -> list[str]:
+    packages = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            packages.extend(line.split())
+    if not packages:
+        raise BuildError(f"no packages listed in {path}")
+    return packages
+
+
+def _tree_usage(root: Path) -> int:
+    """Bytes allocated by the files under root (hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += st.st_blocks * 512
+    return total
+
+
+def _sparse_copy(src: Path, dst_fd: int, offset: int, limit: int) -> None:
+    """Copy the data regions of src into dst_fd at offset, leaving holes."""
+    size = src.stat().st_size
+    if size > limit:
+        raise BuildError(f"{src.name} ({size} bytes) does not fit its partition ({limit} bytes)")
+    with open(src, "rb") as handle:
+        fd = handle.fileno()
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # no data after pos
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            length = hole - data
+            copied = 0
+            while copied < length:
+                n = os.copy_file_range(fd, dst_fd, length - copied, data + copied, offset + data + copied)
+                if n == 0:
+                    raise BuildError(f"short copy from {src}")
+                copied += n
+            pos = hole
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m testbed.reference",
+        description="Build the testbed reference OS disk image (cached) and print its path.",
+    )
+    parser.add_argument("--version", default=BuildOptions.version, help="OS version (default %(default)s)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="cache directory (default $TESTBED_CACHE or ~/.cache/testbed)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the image is cached")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        options = BuildOptions(version=args.version)
+        image = build(options, cache_dir=args.cache_dir, log=log, force=args.force)
+    except (BuildError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(image, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Proof that the suites catch defects: each check fails on a copy of the reference image that has
+the matching defect, with a message naming it, while the checks the defect does not touch pass.
+
+A defective copy is a qcow2 overlay over the reference image, edited offline (debugfs and mtools
+through qemu-io): the reference image itself is never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from testbed import image as img
+from testbed import reference
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "images" / "rootfs"
+CONFIG_JSON_SCRIPT = "/usr/libexec/testbed/config-json"
+
+pytestmark = pytest.mark.usefixtures("qemu_tools")
+
+
+def _recipe_text(path: str) -> str:
+    return (RECIPE / path.lstrip("/")).read_text()
+
+
+def _replace(text: str, old: str, new: str, where: str) -> bytes:
+    assert old in text, f"{where} no longer contains {old!r}: update this defect to the recipe"
+    return text.replace(old, new).encode()
+
+
+def root_file(path: str, old: str, new: str) -> Callable[[Path], None]:
+    """A defect: a file of resin-rootA with ``old`` replaced by ``new``."""
+
+    def edit(overlay: Path) -> None:
+        part = img.read_layout(overlay).by_label("resin-rootA")
+        img.edit_ext4_in_overlay(overlay, part, {path: _replace(_recipe_text(path), old, new, path)})
+
+    return edit
+
+
+def boot_file(path: str, old: str, new: str) -> Callable[[Path], None]:
+    """A defect: a file of resin-boot with ``old`` replaced by ``new``."""
+
+    def edit(overlay: Path) -> None:
+        part = img.read_layout(overlay).by_label("resin-boot")
+        text = img.read_file_from_fat(overlay, part, path).decode()
+        img.write_files_to_fat_in_overlay(overlay, part, {path: _replace(text, old, new, path)})
+
+    return edit
+
+
+def relabel(label: str, new: str) -> Callable[[Path], None]:
+    def edit(overlay: Path) -> None:
+        part = img.read_layout(overlay).by_label(label)
+        img.edit_ext4_in_overlay(overlay, part, {}, commands=(f"set_super_value volume_name {new}",))
+
+    return edit
+
+
+@dataclass
+class Defect:
+    edits: list[Callable[[Path], None]]
+    run: list[str]  # suites and pytest options
+    fails: dict[str, str]  # test name -> words its failure message must contain
+    profile: dict[str, object] = field(default_factory=dict)  # profile keys to override
+
+
+DEFECTS = {
+    "root-mounted-read-write": Defect(
+        edits=[
+            boot_file("/EFI/BOOT/grub.cfg", "rootfstype=ext4 ro", "rootfstype=ext4 rw"),
+            root_file("/etc/fstab", "ext4    ro,noatime", "ext4    rw,noatime"),
+        ],
+        run=["suites/rootfs", "suites/os_release", "-k", "not survive"],
+        fails={
+            "test_root_is_mounted_read_only": "read-only",
+            "test_writes_to_root_fail_with_erofs": "EROFS",
+            "test_no_writable_mount_of_the_root_device": "mounted writable",
+        },
+    ),
+    "partition-label-renamed": Defect(
+        edits=[relabel("resin-data", "resin-dota")],
+        run=["suites/layout", "-k", "not running and not mounts"],
+        fails={
+            "test_labels_in_order": "resin-dota",
+            "test_filesystem_types": "resin-data",
+            "test_sizes_within_profile_bounds": "resin-data",
+        },
+    ),
+    "sshd-on-another-port": Defect(
+        edits=[root_file("/etc/ssh/sshd_config.d/10-testbed.conf", "Port 22222", "Port 2222")],
+        run=["suites/smoke"],
+        fails={
+            "test_boots_to_a_shell_on_the_serial_console": "22222",
+            "test_ssh_answers_on_22222": "22222",
+            "test_os_release_is_there": "22222",
+            "test_partitions_are_found_by_label": "22222",
+        },
+        profile={"boot_to_ssh": 60},
+    ),
+    "production-allows-empty-password": Defect(
+        edits=[
+            root_file(
+                CONFIG_JSON_SCRIPT,
+                "PermitRootLogin prohibit-password\n\t\tPasswordAuthentication no\n\t\tPermitEmptyPasswords no",
+                "PermitRootLogin yes\n\t\tPasswordAuthentication yes\n\t\tPermitEmptyPasswords yes",
+            )
+        ],
+        run=["suites/modes", "--mode", "production"],
+        fails={"test_passwordless_root_login_matches_mode": "production mode must refuse passwordless root"},
+    ),
+    "engine-open-in-production": Defect(
+        edits=[
+            root_file(
+                CONFIG_JSON_SCRIPT,
+                'if [ "${mode}" = development ]; then',
+                'systemctl start --no-block engine-tcp.socket\nif [ "${mode}" = development ]; then',
+            )
+        ],
+        run=["suites/modes", "--mode", "production"],
+        fails={"test_engine_api_matches_mode": "production mode must not listen on 2375"},
+    ),
+    "config-hostname-ignored": Defect(
+        edits=[
+            root_file(CONFIG_JSON_SCRIPT, 'want="${cfg_hostname:-${DEFAULT_HOSTNAME}}"', 'want="${DEFAULT_HOSTNAME}"')
+        ],
+        run=["suites/config", "-k", "before_boot"],
+        fails={"test_hostname_set_before_boot": "tb-configured"},
+    ),
+    "journal-not-persisted": Defect(
+        edits=[root_file(CONFIG_JSON_SCRIPT, 'if [ "${cfg_logging}" = true ]; then', "if false; then")],
+        run=["suites/logging"],
+        fails={
+            "test_persistent_journal_is_on_resin_data_within_limit": "/var/log/journal must come from resin-data",
+            "test_persistent_journal_survives_a_reboot": "must keep earlier boots",
+        },
+    ),
+    "state-path-not-bind-mounted": Defect(
+        edits=[root_file("/etc/state-binds", "/var/lib/chrony\n", "")],
+        run=["suites/rootfs", "-k", "bind_mounts or read_only"],
+        fails={"test_persistent_paths_are_bind_mounts_from_resin_state": "/var/lib/chrony"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def reference_image() -> Path:
+    return reference.build()
+
+
+def _profile_with(tmp_path: Path, timeouts: dict[str, object]) -> Path:
+    import yaml
+
+    data = yaml.safe_load((REPO / "device_profiles" / "qemu-x86_64.yaml").read_text())
+    data["name"] = "qemu-x86_64-defect"
+    data["timeouts"].update(timeouts)
+    path = tmp_path / "qemu-x86_64-defect.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("name", list(DEFECTS))
+def test_suite_fails_the_check_that_matches_the_defect(name: str, reference_image: Path, tmp_path: Path) -> None:
+    defect = DEFECTS[name]
+    overlay = tmp_path / f"{name}.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(reference_image), str(overlay)], check=True
+    )
+    for edit in defect.edits:
+        edit(overlay)
+    device = str(_profile_with(tmp_path, defect.profile)) if defect.profile else "qemu-x86_64"
+    reports = tmp_path / "reports"
+    env = {**os.environ, "TESTBED_RUNTIME_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *defect.run]
+        + ["--image", str(overlay), "--device", device, "--report-dir", str(reports)],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    latest = next(reports.glob("*/latest"))
+    report = json.loads((latest / "report.json").read_text())
+    outcomes = {t["nodeid"].rsplit("::", 1)[1]: t for t in report["tests"]}
+    assert done.returncode == 1, (
+        f"a defective image must fail the run (exit 1), got {done.returncode}:\n{done.stdout[-3000:]}"
+    )
+    for test, words in defect.fails.items():
+        record = next((r for n, r in outcomes.items() if n.split("[")[0] == test), None)
+        assert record is not None, f"{test} did not run: {sorted(outcomes)}"
+        assert record["outcome"] == "failed", f"{test} should fail on '{name}', it {record['outcome']}"
+        assert words in record["message"], f"{test}'s message should name the defect ({words!r}): {record['message']}"
+    unaffected = {n: r["outcome"] for n, r in outcomes.items() if n.split("[")[0] not in defect.fails}
+    assert all(o == "passed" for o in unaffected.values()), f"checks the defect does not touch must pass: {unaffected}"
