@@ -244,7 +244,7 @@ class ConsoleLog:
 
 
 _PROMPT_END = re.compile(rb"login: ?$")
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
+_ANSI = re.compile(r"\x1b\[[0-9;?=]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
 
 
 def _clean(raw: bytes) -> str:

@@ -234,6 +234,7 @@ def build(
         _remove_stale(images)
         staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".tmp", dir=images))
         try:
+            staging.chmod(0o755)
             _Builder(options, cache, staging, digest, log).run()
             if final_dir.exists():
                 old = images / f".{digest}.old.tmp"
@@ -405,6 +406,7 @@ class _Builder:
             "packages": [{"name": n, "version": v} for n, v in sorted(packages.items())],
         }
         (self.staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        image.chmod(0o444)  # boot copy-on-write overlays of it, never the image
         self.log(f"built in {seconds} s")
 
     def _bootstrap(self) -> None:
@@ -523,9 +525,16 @@ class _Builder:
         grub.mkdir()
         efi = grub / "BOOTX64.EFI"
         self.log("grub-mkimage: EFI/BOOT/BOOTX64.EFI")
+        # The embedded configuration runs before GRUB's script parser is
+        # loaded: plain commands only, no comments.
+        early = grub / "early.cfg"
+        early.write_text("".join(
+            line for line in (boot / "grub-early.cfg").read_text().splitlines(keepends=True)
+            if line.strip() and not line.lstrip().startswith("#")
+        ))
         self._run([
             "grub-mkimage", "-O", "x86_64-efi", "-d", str(GRUB_PLATFORM_DIR),
-            "-o", str(efi), "-p", "/EFI/BOOT", "-c", str(boot / "grub-early.cfg"),
+            "-o", str(efi), "-p", "/EFI/BOOT", "-c", str(early),
             *GRUB_MODULES,
         ])
         grubenv = grub / "grubenv"

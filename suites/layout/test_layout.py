@@ -104,9 +104,9 @@ def test_mounts_come_from_their_labelled_partitions(
     dut: DUT, device_profile: Profile, mountpoint: str, index: int
 ) -> None:
     label = device_profile.layout.partitions[index].label
-    source = dut.run(f"findmnt -n -o SOURCE {mountpoint}").stdout.strip()
+    source = dut.run(f"findmnt -c -n -o SOURCE {mountpoint}").stdout.strip()
     expected = dut.run(f"readlink -f /dev/disk/by-label/{label}").stdout.strip()
     assert source and source == expected, (
         f"expected {mountpoint} mounted from {label} ({expected or 'not found'}), "
-        f"`findmnt -n -o SOURCE {mountpoint}` says {source or 'not mounted'}"
+        f"`findmnt -c -n -o SOURCE {mountpoint}` says {source or 'not mounted'}"
     )

@@ -23,7 +23,7 @@ def _journal_limit(dut: DUT, kind: str) -> tuple[float | None, str]:
 
 
 def _source_device(dut: DUT, path: str) -> str:
-    return dut.run(f"findmnt -n -o SOURCE --mountpoint {path}").stdout.strip().split("[", 1)[0]
+    return dut.run(f"findmnt -c -n -o SOURCE --mountpoint {path}").stdout.strip().split("[", 1)[0]
 
 
 def test_journal_is_in_ram_by_default(dut: DUT, device_profile: Profile) -> None:

@@ -61,7 +61,7 @@ def test_hostname_is_announced_over_mdns_in_development_mode(dut: DUT) -> None:
     name = dut.run("hostname", check=True).stdout.strip() + ".local"
     active = dut.run("systemctl is-active avahi-daemon").stdout.strip()
     resolved = dut.run(
-        f"busctl call org.freedesktop.Avahi / org.freedesktop.Avahi.Server ResolveHostName iisiu -1 0 {name} 0 0"
+        f"busctl -- call org.freedesktop.Avahi / org.freedesktop.Avahi.Server ResolveHostName iisiu -1 0 {name} 0 0"
     )
     if dut.development_mode:
         assert active == "active" and resolved.exit_code == 0, (

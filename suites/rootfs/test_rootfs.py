@@ -35,7 +35,7 @@ def test_persistent_paths_are_bind_mounts_from_resin_state(dut: DUT, device_prof
     state = _state_device(dut, device_profile)
     paths = device_profile.rootfs.persistent
     script = "; ".join(
-        f"printf '%s %s\\n' {shlex.quote(p)} \"$(findmnt -n -r -o SOURCE --mountpoint {shlex.quote(p)} || echo NONE)\""
+        f"printf '%s %s\\n' {shlex.quote(p)} \"$(findmnt -c -n -r -o SOURCE --mountpoint {shlex.quote(p)} || echo NONE)\""
         for p in paths
     )
     lines = dict(line.split(" ", 1) for line in dut.run(script, check=True).stdout.splitlines())
@@ -81,8 +81,8 @@ def test_volatile_paths_are_in_ram(dut: DUT, device_profile: Profile) -> None:
 
 
 def test_no_writable_mount_of_the_root_device(dut: DUT) -> None:
-    root = dut.run("findmnt -n -o SOURCE /", check=True).stdout.strip().split("[", 1)[0]
-    mounts = dut.run("findmnt -r -n -o TARGET,SOURCE,OPTIONS", check=True).stdout.splitlines()
+    root = dut.run("findmnt -c -n -o SOURCE /", check=True).stdout.strip().split("[", 1)[0]
+    mounts = dut.run("findmnt -c -r -n -o TARGET,SOURCE,OPTIONS", check=True).stdout.splitlines()
     writable = []
     for line in mounts:
         target, source, options = line.split(" ", 2)

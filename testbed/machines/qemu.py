@@ -51,10 +51,10 @@ class Qmp:
         self._mon.settimeout(timeout)
         self._mon.connect()
 
-    def cmd(self, name: str, **args: Any) -> Any:
-        reply = self._mon.cmd_obj({"execute": name, "arguments": args} if args else {"execute": name})
+    def cmd(self, _command: str, **args: Any) -> Any:
+        reply = self._mon.cmd_obj({"execute": _command, "arguments": args} if args else {"execute": _command})
         if "error" in reply:
-            raise InfraError(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}")
+            raise InfraError(f"QMP {_command} failed: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")
 
     def hmp(self, command_line: str) -> str:

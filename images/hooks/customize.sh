@@ -1,0 +1,107 @@
+#!/bin/sh
+# testbed reference OS: mmdebstrap customize hook ($1 = root directory).
+# Environment from testbed/reference.py:
+#   TESTBED_RECIPE   this directory's parent (the images/ recipe)
+#   TESTBED_VERSION  OS version for /etc/os-release
+set -eu
+root="$1"
+recipe="${TESTBED_RECIPE:?}"
+version="${TESTBED_VERSION:?}"
+
+in_root() {
+	chroot "${root}" "$@"
+}
+
+# --- files of the recipe --------------------------------------------------
+# Owned by root, never group/world writable; existing directories keep their
+# ownership and mode.
+tar -C "${recipe}/rootfs" --owner=0 --group=0 --numeric-owner --mode=go-w -cf - . |
+	tar -C "${root}" -xf - --no-overwrite-dir
+chmod 755 "${root}"/usr/libexec/testbed/* \
+	"${root}"/etc/initramfs-tools/hooks/testbed \
+	"${root}"/etc/initramfs-tools/scripts/init-bottom/testbed-state
+
+cat > "${root}/usr/lib/os-release" <<OSRELEASE
+NAME="testbed reference OS"
+ID=testbed-ref
+ID_LIKE=debian
+VERSION="${version}"
+VERSION_ID="${version}"
+PRETTY_NAME="testbed reference OS ${version}"
+MACHINE="qemux86-64"
+SLUG="qemux86-64"
+OSRELEASE
+ln -sfn ../usr/lib/os-release "${root}/etc/os-release"
+
+# --- identity and accounts ------------------------------------------------
+# machine-id is created on first boot on resin-state (the empty file does
+# not count as "first boot" for systemd); dbus reads it through the link.
+: > "${root}/etc/machine-id"
+ln -sfn /etc/machine-id "${root}/var/lib/dbus/machine-id"
+# root has an empty password; only development mode lets anything use it.
+sed -i 's/^root:[^:]*:/root::/' "${root}/etc/shadow"
+# The host key is generated on first boot into /etc/ssh/hostkeys.
+rm -f "${root}"/etc/ssh/ssh_host_*
+mkdir -p "${root}/etc/ssh/hostkeys"
+# Directories that services expect but cannot create on a read-only root.
+mkdir -p "${root}/var/lib/cni/networks"
+
+# --- mount points ---------------------------------------------------------
+# Every mount point in fstab must exist: the root filesystem is read-only.
+awk '$1 !~ /^#/ && $2 ~ /^\// { print $2 }' "${root}/etc/fstab" |
+	while read -r dir; do mkdir -p "${root}${dir}"; done
+
+# --- systemd units --------------------------------------------------------
+for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
+	e2scrub_all.timer e2scrub_reap.service fstrim.timer remote-fs.target \
+	podman.service podman.socket podman-restart.service \
+	podman-auto-update.service podman-auto-update.timer \
+	NetworkManager-wait-online.service systemd-pstore.service \
+	avahi-daemon.service avahi-daemon.socket getty@tty1.service; do
+	if [ -e "${root}/usr/lib/systemd/system/${unit}" ] ||
+		[ -e "${root}/usr/lib/systemd/system/${unit%%@*}@.service" ]; then
+		in_root systemctl --quiet disable "${unit}"
+	fi
+done
+in_root systemctl --quiet enable config-json.service ssh-hostkeys.service \
+	dnsmasq.service NetworkManager.service ssh.service chrony.service
+# Not needed, and every unit costs boot time on an emulated CPU.
+for unit in dev-hugepages.mount dev-mqueue.mount sys-fs-fuse-connections.mount \
+	sys-kernel-config.mount sys-kernel-debug.mount sys-kernel-tracing.mount \
+	proc-sys-fs-binfmt_misc.automount systemd-binfmt.service \
+	kmod-static-nodes.service modprobe@.service systemd-remount-fs.service \
+	systemd-update-utmp.service systemd-update-utmp-runlevel.service \
+	systemd-hostnamed.service; do
+	ln -sfn /dev/null "${root}/etc/systemd/system/${unit}"
+done
+# Only the fstab and debug generators run. In particular gettys run only in
+# development mode (development-mode.target), never generated ones.
+mkdir -p "${root}/etc/systemd/system-generators"
+for generator in "${root}"/usr/lib/systemd/system-generators/*; do
+	name="${generator##*/}"
+	case "${name}" in
+	systemd-fstab-generator | systemd-debug-generator) ;;
+	*) ln -sfn /dev/null "${root}/etc/systemd/system-generators/${name}" ;;
+	esac
+done
+# No per-user systemd instance for logins (it costs seconds per session).
+sed -i '/pam_systemd\.so/d' "${root}"/etc/pam.d/common-session*
+
+# --- kernel and initramfs -------------------------------------------------
+kver="$(basename "$(ls -d "${root}"/usr/lib/modules/* | sort -V | tail -n 1)")"
+rm -f "${root}/usr/sbin/update-initramfs"
+in_root dpkg-divert --quiet --local --rename \
+	--divert /usr/sbin/update-initramfs.testbed --remove /usr/sbin/update-initramfs
+in_root update-initramfs -c -k "${kver}"
+ln -sfn "vmlinuz-${kver}" "${root}/boot/vmlinuz"
+ln -sfn "initrd.img-${kver}" "${root}/boot/initrd.img"
+rm -f "${root}"/vmlinuz "${root}"/vmlinuz.old "${root}"/initrd.img "${root}"/initrd.img.old
+
+# --- trimming -------------------------------------------------------------
+# These are hidden under tmpfs at run time anyway.
+rm -rf "${root}"/var/log/* "${root}"/var/tmp/* "${root}"/var/cache/man \
+	"${root}"/var/cache/debconf/*-old "${root}"/var/cache/ldconfig/aux-cache
+
+# Nothing needs updating on first boot (systemd's ConditionNeedsUpdate
+# compares these stamps with /usr and would try to write to /etc and /var).
+touch "${root}/etc/.updated" "${root}/var/.updated"
