@@ -99,7 +99,7 @@ DEFECTS = {
         edits=[root_file("/etc/ssh/sshd_config.d/10-testbed.conf", "Port 22222", "Port 2222")],
         run=["suites/smoke"],
         fails={
-            "test_boots_to_a_shell_on_the_serial_console": "22222",
+            "test_boots_and_the_serial_console_shows_it": "22222",
             "test_ssh_answers_on_22222": "22222",
             "test_os_release_is_there": "22222",
             "test_partitions_are_found_by_label": "22222",
