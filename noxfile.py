@@ -21,13 +21,13 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def certify(session: nox.Session) -> None:
-    """Certify an image on a device: the suites, a report in reports/<device>/latest.
+    """Certify an image on a device in development and production modes, one report each.
 
-    Default: the reference image on qemu-x86_64. Pass pytest options after `--`,
-    e.g. `./run certify -- --device qemu-x86_64 --image my.img`.
+    Default: the reference image on qemu-x86_64. Options after `--`, e.g.
+    `./run certify -- --device qemu-x86_64 --image my.img` (see `python -m testbed certify -h`).
     """
     _install(session)
-    session.run("pytest", "suites", "-p", "no:cacheprovider", *session.posargs)
+    session.run("python", "-m", "testbed", "certify", *session.posargs)
 
 
 @nox.session

@@ -157,7 +157,8 @@ def probe_guest(profile: Profile, accel: str, cpu: str, timeout: float) -> tuple
             try:
                 qmp = Qmp(qs, timeout)
             except Exception as exc:  # noqa: BLE001 - any failure here means KVM is unusable.
-                return False, f"QEMU with -accel {accel} did not start ({proc.stderr_tail(3) or exc})"
+                first = (proc.stderr_tail(3) or str(exc)).splitlines()[0]
+                return False, f"QEMU with -accel {accel} did not start ({first})"
             try:
                 qmp.cmd("cont")
                 ss.settimeout(timeout)
