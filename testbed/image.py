@@ -1275,6 +1275,20 @@ def edit_ext4_in_overlay(
             _verify_written(p, partition, part_file, runs)
 
 
+def read_file_from_ext(path: StrPath, partition: Partition, inner_path: str) -> bytes:
+    """The content of ``inner_path`` in an ext2/3/4 partition of an image (raw or qcow2), read with debugfs."""
+    p = os.fspath(path)
+    with open_source(p) as src, tempfile.TemporaryDirectory(prefix="testbed-ext4-") as tmp:
+        part_file = os.path.join(tmp, "partition.img")
+        extract_partition(src, partition, part_file)
+        out = os.path.join(tmp, "out")
+        proc = _run_tool(["debugfs", "-R", f"dump {inner_path} {out}", part_file])
+        if not os.path.exists(out):
+            raise ConfigError(f"{p}: no file {inner_path} in {partition.describe()} ({_tool_output(proc)})")
+        with open(out, "rb") as fh:
+            return fh.read()
+
+
 def _ext4_mode(part_file: str, path: str) -> int | None:
     """The inode mode of ``path`` in an ext filesystem image, or None if it does not exist."""
     proc = _run_tool(["debugfs", "-R", f"stat {path}", part_file])

@@ -21,14 +21,9 @@ from testbed import image as img
 from testbed import reference
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "images" / "rootfs"
 CONFIG_JSON_SCRIPT = "/usr/libexec/testbed/config-json"
 
 pytestmark = pytest.mark.usefixtures("qemu_tools")
-
-
-def _recipe_text(path: str) -> str:
-    return (RECIPE / path.lstrip("/")).read_text()
 
 
 def _replace(text: str, old: str, new: str, where: str) -> bytes:
@@ -37,11 +32,12 @@ def _replace(text: str, old: str, new: str, where: str) -> bytes:
 
 
 def root_file(path: str, old: str, new: str) -> Callable[[Path], None]:
-    """A defect: a file of resin-rootA with ``old`` replaced by ``new``."""
+    """A defect: a file of resin-rootA with every ``old`` replaced by ``new``."""
 
     def edit(overlay: Path) -> None:
         part = img.read_layout(overlay).by_label("resin-rootA")
-        img.edit_ext4_in_overlay(overlay, part, {path: _replace(_recipe_text(path), old, new, path)})
+        current = img.read_file_from_ext(overlay, part, path).decode()
+        img.edit_ext4_in_overlay(overlay, part, {path: _replace(current, old, new, path)})
 
     return edit
 
@@ -108,11 +104,9 @@ DEFECTS = {
     ),
     "production-allows-empty-password": Defect(
         edits=[
-            root_file(
-                CONFIG_JSON_SCRIPT,
-                "PermitRootLogin prohibit-password\n\t\tPasswordAuthentication no\n\t\tPermitEmptyPasswords no",
-                "PermitRootLogin yes\n\t\tPasswordAuthentication yes\n\t\tPermitEmptyPasswords yes",
-            )
+            root_file(CONFIG_JSON_SCRIPT, "PermitEmptyPasswords no", "PermitEmptyPasswords yes"),
+            root_file(CONFIG_JSON_SCRIPT, "PasswordAuthentication no", "PasswordAuthentication yes"),
+            root_file(CONFIG_JSON_SCRIPT, "PermitRootLogin prohibit-password", "PermitRootLogin yes"),
         ],
         run=["suites/modes", "--mode", "production"],
         fails={"test_passwordless_root_login_matches_mode": "production mode must refuse passwordless root"},
