@@ -32,6 +32,14 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
+def _exec(transport: paramiko.Transport, command: str) -> int:
+    chan = transport.open_session()
+    chan.exec_command(command)
+    code = chan.recv_exit_status()
+    chan.close()
+    return code
+
+
 def raw_qemu(profile, image: Path, accel: str, rounds: int) -> dict[str, float]:
     """QEMU as a person would start it, then paramiko and pexpect used directly."""
     q = profile.qemu
@@ -64,31 +72,20 @@ def raw_qemu(profile, image: Path, accel: str, rounds: int) -> dict[str, float]:
             while client is None:
                 child.expect([pexpect.TIMEOUT], timeout=0.05)  # drain while waiting
                 try:
-                    c = paramiko.SSHClient()
-                    c.set_missing_host_key_policy(paramiko.AutoAddPolicy())
                     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    c.connect(
-                        "127.0.0.1",
-                        port,
-                        "root",
-                        password="",
-                        sock=sock,
-                        look_for_keys=False,
-                        allow_agent=False,
-                        timeout=5,
-                        banner_timeout=5,
-                        auth_timeout=5,
-                    )
-                    c.exec_command("true")[1].channel.recv_exit_status()
-                    client = c
+                    t = paramiko.Transport(sock)
+                    t.start_client(timeout=5)
+                    t.auth_none("root")
+                    _exec(t, "true")
+                    client = t
                 except Exception:  # noqa: BLE001 - not up yet
                     time.sleep(0.2)
             boot = time.monotonic() - t0
             ssh = []
             for _ in range(rounds):
                 s = time.monotonic()
-                client.exec_command("true")[1].channel.recv_exit_status()
+                _exec(client, "true")
                 ssh.append(time.monotonic() - s)
             child.sendline("")
             child.expect("login: ?$", timeout=120)
