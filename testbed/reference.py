@@ -5,21 +5,28 @@ bookworm packages, used to exercise the testbed itself. Its recipe lives in
 ``images/`` at the top of the repository:
 
 * ``images/packages.txt``       packages installed into the root filesystem
-* ``images/hooks/``             mmdebstrap hooks (``customize.sh`` applies the
-                                 recipe to the root filesystem)
+* ``images/hooks/essential.sh`` mmdebstrap hook run while packages install
+* ``images/hooks/customize.sh`` turns the installed packages into the OS
 * ``images/rootfs/``            files copied into the root filesystem
 * ``images/boot/``              GRUB configuration and the default config.json
 
 :func:`build` turns the recipe into a raw GPT disk image with five
 partitions (resin-boot, resin-rootA, resin-rootB, resin-state, resin-data)
-without loop devices or mounts: mmdebstrap builds the root filesystem into a
-directory, ``mkfs.ext4 -d`` and ``mkfs.vfat`` + mtools build the
-filesystems as separate files and these are copied (sparsely) into the disk
-image partitioned with ``sfdisk``.
+without loop devices or mounts on the host: mmdebstrap installs the packages
+into a directory (kept as a tarball, see below), ``customize.sh`` applies the
+rest of the recipe to an unpacked copy, ``mkfs.ext4 -d`` and ``mkfs.vfat`` +
+mtools build the filesystems as separate files and these are copied
+(sparsely) into the disk image partitioned with ``sfdisk``.
 
-Images are cached under ``<cache>/images/<hash>/`` where the hash covers every
-file of the recipe, this module's source and the build options; downloaded
-packages are kept in ``<cache>/apt-archives`` across builds.
+Caches under ``<cache>`` (``$TESTBED_CACHE``, else ``~/.cache/testbed``):
+
+* ``images/<hash>/``   finished images; the hash covers every file of the
+  recipe, this module's source and the build options.
+* ``base/<key>.tar``   the root filesystem right after package installation,
+  keyed by the package list and how it is installed, reused for a week; a
+  recipe tweak outside ``packages.txt`` only re-runs ``customize.sh``.
+* ``apt-archives/``    downloaded .deb files, so a new base does not download
+  again what an earlier one did.
 
 Command line: ``python -m testbed.reference [--version X] [--cache-dir D]
 [--force]`` prints progress and, last, the path of the image.
@@ -33,6 +40,7 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -42,9 +50,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 __all__ = [
     "BuildError",
@@ -55,6 +63,7 @@ __all__ = [
     "Partition",
     "RECIPE_DIR",
     "build",
+    "check_host",
     "default_cache_dir",
     "image_hash",
     "main",
@@ -80,6 +89,11 @@ DPKG_EXCLUDES = (
     "path-exclude=/usr/share/doc/*",
     "path-include=/usr/share/doc/*/copyright",
 )
+
+# The packages are installed once per package list into a base tarball
+# (<cache>/base/), reused by later builds for this long.
+BASE_MAX_AGE = 7 * 24 * 3600
+BASE_KEEP = 3
 
 MIB = 1024 * 1024
 SECTOR = 512
@@ -142,6 +156,7 @@ PARTITIONS = (
 HOST_TOOLS = {
     "mmdebstrap": "mmdebstrap",
     "chroot": "coreutils",
+    "unshare": "util-linux",
     "tar": "tar",
     "mkfs.ext4": "e2fsprogs",
     "mkfs.vfat": "dosfstools",
@@ -212,7 +227,8 @@ def build(
     """Build (or find in the cache) the reference image; return its path.
 
     The image is ``<cache_dir>/images/<hash>/testbed-ref-x86_64.img`` with
-    ``manifest.json`` and ``build.log`` beside it. A cached image is
+    ``manifest.json`` and ``build.log`` beside it (the log of a failed build
+    stays in ``<cache_dir>/images/<hash>.build.log``). A cached image is
     returned at once unless ``force`` is true. Concurrent builds (threads or
     processes) are serialised with a lock file in ``<cache_dir>/images``.
     """
@@ -233,19 +249,23 @@ def build(
             return image
         _remove_stale(images)
         staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".tmp", dir=images))
+        # Outside the staging directory, so that it outlives a failed build.
+        build_log = images / f"{digest}.{BUILD_LOG_NAME}"
+        build_log.unlink(missing_ok=True)
         try:
             staging.chmod(0o755)
-            _Builder(options, cache, staging, digest, log).run()
+            _Builder(options, cache, staging, digest, log, build_log, force=force).run()
+            os.replace(build_log, staging / BUILD_LOG_NAME)
             if final_dir.exists():
                 old = images / f".{digest}.old.tmp"
                 os.rename(final_dir, old)
                 os.rename(staging, final_dir)
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_tree(old)
             else:
                 os.rename(staging, final_dir)
         finally:
             if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+                _remove_tree(staging)
     log(f"reference image ready: {image}")
     return image
 
@@ -288,7 +308,27 @@ def _remove_stale(images: Path) -> None:
     """Drop temporary directories left by interrupted builds (lock held)."""
     for entry in images.glob(".*.tmp"):
         if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove_tree(entry)
+
+
+def _mounts_below(path: Path) -> list[str]:
+    prefix = str(path) + "/"
+    mounts = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            target = line.split()[4].encode().decode("unicode_escape")
+            if target.startswith(prefix):
+                mounts.append(target)
+    return mounts
+
+
+def _remove_tree(path: Path) -> None:
+    """rm -rf path, but never through a mount an interrupted mmdebstrap left."""
+    for target in sorted(_mounts_below(path), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", target], stderr=subprocess.DEVNULL, check=False)
+    if _mounts_below(path):
+        raise BuildError(f"{path} still has file systems mounted below it; not removing it")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _align(value: int, unit: int = MIB) -> int:
@@ -298,8 +338,10 @@ def _align(value: int, unit: int = MIB) -> int:
 class _Builder:
     """One build, from the recipe to the image in ``staging``."""
 
-    def __init__(self, options: BuildOptions, cache: Path, staging: Path, digest: str, log: Log):
+    def __init__(self, options: BuildOptions, cache: Path, staging: Path, digest: str, log: Log,
+                 build_log: Path, *, force: bool = False):
         self.options = options
+        self.force = force
         self.cache = cache
         self.staging = staging
         self.digest = digest
@@ -307,7 +349,7 @@ class _Builder:
         self.work = staging / "work"
         self.rootfs = self.work / "rootfs"
         self.apt_cache = cache / "apt-archives"
-        self.build_log = staging / BUILD_LOG_NAME
+        self.build_log = build_log
         self.recipe = RECIPE_DIR
         self.tool_path = os.pathsep.join(
             [os.environ.get("PATH", os.defpath), *_SBIN_PATH]
@@ -345,12 +387,24 @@ class _Builder:
                 proc.stdin.close()
             lines: list[str] = []
             assert proc.stdout is not None
-            for line in proc.stdout:
-                blog.write(line)
-                lines.append(line)
-                if echo is not None and echo(line):
-                    self.log("  " + line.rstrip())
-            code = proc.wait()
+            started = time.monotonic()
+            try:
+                for line in proc.stdout:
+                    blog.write(f"[{time.monotonic() - started:6.1f}] {line}")
+                    lines.append(line)
+                    if echo is not None and echo(line):
+                        self.log("  " + line.rstrip())
+                code = proc.wait()
+            except BaseException:
+                # Interrupted: let the tool clean up (mmdebstrap unmounts
+                # what it mounted in the chroot) before the tree is removed.
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                raise
         output = "".join(lines)
         if code != 0:
             tail = "".join(lines[-25:]).rstrip()
@@ -369,7 +423,8 @@ class _Builder:
             f"building testbed reference OS {self.options.version} "
             f"(recipe {self.recipe}, hash {self.digest})"
         )
-        self._bootstrap()
+        base = self._base()
+        self._customize(base)
         packages = self._installed_packages()
         self._prune_apt_cache(packages)
         kernel = self._kernel_version()
@@ -385,7 +440,7 @@ class _Builder:
             "resin-data": self._ext4("resin-data", sizes["resin-data"], self._data_tree()),
         }
         layout = self._assemble(sizes, filesystems)
-        shutil.rmtree(self.work)
+        _remove_tree(self.work)
 
         seconds = round(time.monotonic() - started, 1)
         image = self.staging / IMAGE_NAME
@@ -395,13 +450,14 @@ class _Builder:
             "version": self.options.version,
             "options": dataclasses.asdict(self.options),
             "hash": self.digest,
-            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "build_seconds": seconds,
             "size": image.stat().st_size,
             "sector_size": SECTOR,
             "suite": SUITE,
             "architecture": ARCH,
             "kernel": kernel,
+            "base": base.name,
             "partitions": layout,
             "packages": [{"name": n, "version": v} for n, v in sorted(packages.items())],
         }
@@ -409,12 +465,43 @@ class _Builder:
         image.chmod(0o444)  # boot copy-on-write overlays of it, never the image
         self.log(f"built in {seconds} s")
 
-    def _bootstrap(self) -> None:
+    def _base_key(self) -> str:
+        """Hash of what goes into the base tarball (not the rest of the recipe)."""
+        digest = hashlib.sha256(b"testbed-ref base v1\0")
+        for name in ("packages.txt", "hooks/essential.sh"):
+            digest.update(name.encode() + b"\0" + (self.recipe / name).read_bytes() + b"\0")
+        digest.update(inspect.getsource(_Builder._bootstrap).encode())
+        digest.update(json.dumps([SUITE, ARCH, APT_SOURCES, DPKG_EXCLUDES]).encode())
+        return digest.hexdigest()[:24]
+
+    def _base(self) -> Path:
+        """Tarball of the root filesystem with every package installed, cached."""
+        bases = self.cache / "base"
+        bases.mkdir(parents=True, exist_ok=True)
+        tarball = bases / f"{self._base_key()}.tar"
+        if tarball.is_file() and not self.force:
+            age = time.time() - tarball.stat().st_mtime
+            if age < BASE_MAX_AGE:
+                self.log(f"packages: cached base {tarball} ({age / 3600:.1f} h old)")
+                return tarball
+        tree = self.work / "base"
+        self._bootstrap(tree)
+        self.log(f"packing {tarball.name}")
+        partial = tarball.with_suffix(".tar.tmp")
+        self._run(["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                   "-cf", str(partial), "."])
+        os.replace(partial, tarball)
+        _remove_tree(tree)
+        for old in sorted(bases.glob("*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)[BASE_KEEP:]:
+            old.unlink(missing_ok=True)
+        return tarball
+
+    def _bootstrap(self, tree: Path) -> None:
+        """mmdebstrap the package list into tree, through the .deb cache."""
         packages = _read_packages(self.recipe / "packages.txt")
         self.apt_cache.mkdir(parents=True, exist_ok=True)
         archives = '"$1"/var/cache/apt/archives'
         cache = shlex.quote(str(self.apt_cache))
-        hooks = self.recipe / "hooks"
         argv = [
             "mmdebstrap",
             "--mode=auto",
@@ -422,21 +509,21 @@ class _Builder:
             f"--architectures={ARCH}",
             "--include=" + ",".join(packages),
             "--aptopt=Acquire::Retries \"3\"",
+            # The build directory may sit in a home directory apt's sandbox
+            # user cannot enter; download as root without warning about it.
+            "--aptopt=APT::Sandbox::User \"root\"",
             *(f"--dpkgopt={rule}" for rule in DPKG_EXCLUDES),
             # Keep downloaded packages: the cache is filled from and to them.
             "--skip=download/empty",
             "--skip=essential/unlink",
-            # Keep the /var/lib/dbus/machine-id link made by customize.sh.
-            "--skip=cleanup/reproducible",
             f"--setup-hook=mkdir -p {archives} && "
             f"{{ cp -al {cache}/. {archives}/ 2>/dev/null || cp -a {cache}/. {archives}/; }}",
-            f"--essential-hook={shlex.quote(str(hooks / 'essential.sh'))} \"$1\"",
+            f"--essential-hook={shlex.quote(str(self.recipe / 'hooks' / 'essential.sh'))} \"$1\"",
             f"--customize-hook=for deb in {archives}/*.deb; do "
             f"[ -e {cache}/\"${{deb##*/}}\" ] || cp -al \"$deb\" {cache}/ 2>/dev/null "
             f"|| cp -a \"$deb\" {cache}/; done",
-            f"--customize-hook={shlex.quote(str(hooks / 'customize.sh'))} \"$1\"",
             SUITE,
-            str(self.rootfs),
+            str(tree),
             *APT_SOURCES,
         ]
         cached = len(list(self.apt_cache.glob("*.deb")))
@@ -445,12 +532,29 @@ class _Builder:
             f"({cached} .deb files in {self.apt_cache})"
         )
         started = time.monotonic()
-        self._run(
-            argv,
-            env={"TESTBED_RECIPE": str(self.recipe), "TESTBED_VERSION": self.options.version},
-            echo=lambda line: line.startswith(("I: ", "W: ", "E: ")),
-        )
+        self._run(argv, echo=lambda line: line.startswith(("I: ", "W: ", "E: ")))
         self.log(f"mmdebstrap done in {time.monotonic() - started:.0f} s")
+
+    def _customize(self, base: Path) -> None:
+        """Unpack the base and apply the recipe (hooks/customize.sh) to it.
+
+        customize.sh runs commands chrooted into the tree; they get a /proc
+        of their own in a private mount and PID namespace, which vanishes
+        with them: nothing is mounted on the host.
+        """
+        self.rootfs.mkdir()
+        self._run(["tar", "-C", str(self.rootfs), "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                   "-xpf", str(base)])
+        null = self.rootfs / "dev/null"
+        if not null.is_char_device():
+            raise BuildError(f"{base} has no /dev/null device node")
+        self.log("customize.sh: applying the recipe")
+        self._run(
+            ["unshare", "--mount", "--propagation=private", "--pid", "--fork",
+             f"--mount-proc={self.rootfs / 'proc'}",
+             "sh", str(self.recipe / "hooks" / "customize.sh"), str(self.rootfs)],
+            env={"TESTBED_RECIPE": str(self.recipe), "TESTBED_VERSION": self.options.version},
+        )
 
     def _installed_packages(self) -> dict[str, str]:
         status = (self.rootfs / "var/lib/dpkg/status").read_text(errors="replace")
@@ -586,7 +690,7 @@ class _Builder:
         self._run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)],
                   stdin="\n".join(script) + "\n")
         table = json.loads(self._run(["sfdisk", "--json", str(image)]))["partitiontable"]["partitions"]
-        for entry, row in zip(layout, table):
+        for entry, row in zip(layout, table, strict=False):
             if row["start"] != entry["start_sector"] or row["size"] != entry["size_sectors"]:
                 raise BuildError(f"sfdisk laid out {entry['label']} differently: {row}")
             entry["uuid"] = row.get("uuid")

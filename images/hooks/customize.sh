@@ -1,5 +1,7 @@
 #!/bin/sh
-# testbed reference OS: mmdebstrap customize hook ($1 = root directory).
+# testbed reference OS: turn the root filesystem with every package
+# installed ($1, unpacked from the cached base) into the OS. Run as root by
+# testbed/reference.py with a private /proc mounted in $1/proc.
 # Environment from testbed/reference.py:
 #   TESTBED_RECIPE   this directory's parent (the images/ recipe)
 #   TESTBED_VERSION  OS version for /etc/os-release

@@ -2,7 +2,8 @@
 # testbed reference OS: mmdebstrap essential hook ($1 = root directory).
 # Packages would otherwise build the initramfs twice (kernel postinst, then
 # the initramfs-tools trigger) before our configuration is in place; divert
-# update-initramfs to a no-op until customize.sh builds it once.
+# update-initramfs to a no-op until customize.sh builds it once. The base
+# tarball keeps the diversion.
 set -eu
 root="$1"
 chroot "${root}" dpkg-divert --quiet --local --rename \
