@@ -15,6 +15,7 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,15 +63,27 @@ def raw_qemu(profile, image: Path, accel: str, rounds: int) -> dict[str, float]:
             "-chardev", f"socket,id=s0,path={work / 'ser.sock'},server=on,wait=off", "-serial", "chardev:s0",
         ]  # fmt: skip
         with OwnedProcess(argv) as _proc:
-            # The serial socket must be drained or the guest stalls; pexpect reads it.
+            # The serial socket must be drained at all times or the guest stalls on console
+            # output: a thread reads it until SSH is up, then pexpect takes over.
             while not (work / "ser.sock").exists():
                 time.sleep(0.01)
             ser = socket.socket(socket.AF_UNIX)
             ser.connect(str(work / "ser.sock"))
-            child = pexpect.fdpexpect.fdspawn(ser.fileno(), encoding="utf-8", codec_errors="replace", timeout=300)
+            ser.settimeout(0.1)
+            stop = threading.Event()
+
+            def drain() -> None:
+                while not stop.is_set():
+                    try:
+                        if not ser.recv(65536):
+                            return
+                    except TimeoutError:
+                        continue
+
+            drainer = threading.Thread(target=drain, daemon=True)
+            drainer.start()
             client = None
             while client is None:
-                child.expect([pexpect.TIMEOUT], timeout=0.05)  # drain while waiting
                 try:
                     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -81,6 +94,10 @@ def raw_qemu(profile, image: Path, accel: str, rounds: int) -> dict[str, float]:
                     client = t
                 except Exception:  # noqa: BLE001 - not up yet
                     time.sleep(0.2)
+            stop.set()
+            drainer.join()
+            ser.settimeout(None)
+            child = pexpect.fdpexpect.fdspawn(ser.fileno(), encoding="utf-8", codec_errors="replace", timeout=300)
             boot = time.monotonic() - t0
             ssh = []
             for _ in range(rounds):
