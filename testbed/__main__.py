@@ -20,7 +20,7 @@ SUITES = Path(__file__).resolve().parent.parent / "suites"
 
 
 def _latest_report(report_dir: Path, before: set[Path]) -> Path | None:
-    runs = [p for p in report_dir.glob("*/*/report.json") if p not in before]
+    runs = [p for p in report_dir.glob("*/*/report.json") if p not in before and p.parent.name != "latest"]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
