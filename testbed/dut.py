@@ -18,7 +18,7 @@ from testbed.console import CommandResult, Console, ConsoleLog, utcnow
 from testbed.errors import DutError, InfraError
 from testbed.machines.qemu import QemuMachine
 from testbed.profile import Profile
-from testbed.ssh import SshClient, load_or_create_key
+from testbed.ssh import METHODS, AuthRefused, SshClient, load_or_create_key
 from testbed.util import cache_dir
 
 EvidenceSink = Callable[[dict[str, Any]], None]
@@ -281,6 +281,24 @@ class DUT:
                 transport=transport,
             )
         )
+
+    def try_ssh_login(self, what: str, key: Any = None, methods: tuple[str, ...] = METHODS) -> str:
+        """Try a fresh SSH login the way a user would; return "accepted (<method>)" or "refused: <why>".
+
+        For checks of who may log in (development vs production, keys from config.json); the
+        attempt is recorded as evidence under ``what``.
+        """
+        host, port = self.endpoint("ssh")
+        client = SshClient(host, port, self.profile.ssh.user, key=key)
+        try:
+            client.connect_once(timeout=20, methods=methods)
+            outcome = f"accepted ({client.auth_method})"
+        except AuthRefused as exc:
+            outcome = f"refused: {exc}"
+        finally:
+            client.close()
+        self.record_note(f"ssh {self.profile.ssh.user}@{host}:{port} {what}", outcome)
+        return outcome
 
     def endpoint(self, name: str) -> tuple[str, int]:
         """Where the farm reaches a device service ("ssh", "engine") from this host."""

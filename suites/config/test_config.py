@@ -12,7 +12,6 @@ import shlex
 
 from suites.conftest import CONFIGURED, Configured
 from testbed.dut import DUT
-from testbed.ssh import AuthRefused, SshClient
 
 
 def _hostname(dut: DUT) -> tuple[str, str]:
@@ -33,17 +32,10 @@ def test_hostname_set_before_boot(configured: Configured) -> None:
 
 
 def test_ssh_key_set_before_boot_logs_in(configured: Configured) -> None:
-    host, port = configured.dut.endpoint("ssh")
-    client = SshClient(host, port, configured.dut.profile.ssh.user, key=configured.extra_key)
-    try:
-        client.connect_once(timeout=20, methods=("publickey",))
-        outcome = "accepted"
-    except AuthRefused as exc:
-        outcome = f"refused: {exc}"
-    finally:
-        client.close()
-    configured.dut.record_note("ssh with the extra key listed in config.json os.sshKeys", outcome)
-    assert outcome == "accepted", f"a key from config.json os.sshKeys must log in; {outcome}"
+    outcome = configured.dut.try_ssh_login(
+        "with the extra key listed in config.json os.sshKeys", key=configured.extra_key, methods=("publickey",)
+    )
+    assert outcome == "accepted (publickey)", f"a key from config.json os.sshKeys must log in; {outcome}"
 
 
 def test_dns_servers_set_before_boot_reach_dnsmasq(configured: Configured) -> None:

@@ -14,7 +14,6 @@ import pytest
 
 from testbed.dut import DUT
 from testbed.profile import Profile
-from testbed.ssh import AuthRefused, SshClient
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +35,7 @@ def _http_get(host: str, port: int, path: str) -> tuple[int, str] | str:
 
 
 def test_passwordless_root_login_matches_mode(dut: DUT, mode: str) -> None:
-    host, port = dut.endpoint("ssh")
-    anonymous = SshClient(host, port, dut.profile.ssh.user, key=None)
-    try:
-        anonymous.connect_once(timeout=20)
-        outcome = f"accepted ({anonymous.auth_method})"
-    except AuthRefused as exc:
-        outcome = f"refused: {exc}"
-    finally:
-        anonymous.close()
-    dut.record_note(f"ssh {dut.profile.ssh.user}@{host}:{port} without a key or password", outcome)
+    outcome = dut.try_ssh_login("without a key or password")
     if mode == "development":
         assert outcome.startswith("accepted"), f"development mode must allow passwordless root on SSH; {outcome}"
     else:
@@ -53,16 +43,7 @@ def test_passwordless_root_login_matches_mode(dut: DUT, mode: str) -> None:
 
 
 def test_key_from_config_json_logs_in(dut: DUT) -> None:
-    host, port = dut.endpoint("ssh")
-    client = SshClient(host, port, dut.profile.ssh.user, key=dut.key)
-    try:
-        client.connect_once(timeout=20, methods=("publickey",))
-        outcome = f"accepted ({client.auth_method})"
-    except AuthRefused as exc:
-        outcome = f"refused: {exc}"
-    finally:
-        client.close()
-    dut.record_note(f"ssh {dut.profile.ssh.user}@{host}:{port} with the key listed in config.json os.sshKeys", outcome)
+    outcome = dut.try_ssh_login("with the key listed in config.json os.sshKeys", key=dut.key, methods=("publickey",))
     assert outcome == "accepted (publickey)", f"a key listed in config.json os.sshKeys must log in; {outcome}"
 
 
