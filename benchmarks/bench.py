@@ -1,10 +1,14 @@
 """Speed figures for testbed, each next to the raw tool it wraps, measured in one run.
 
-    python benchmarks/bench.py [--image PATH] [--device NAME] [--rounds N]
+    python benchmarks/bench.py [--image PATH] [--device NAME] [--rounds N] [--suites]
 
 Prints: cold boot to SSH ready (testbed vs QEMU started by hand + first successful ssh),
 snapshot restore to ready, and per-command round trips over SSH (vs raw paramiko) and over
 the serial console (vs raw pexpect). Ratios, not absolute times, are what to compare.
+
+With ``--suites`` it also times whole suite runs, in the same run: the OS suites in both modes
+(issue target 5 min) and the hup suite with 5 power-cut trials (target 6 min), each also as a
+number of cold boots of this run (the suite's cost in the unit that dominates it).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -152,6 +157,7 @@ def main() -> None:
     ap.add_argument("--image", type=Path)
     ap.add_argument("--device", default="qemu-x86_64")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--suites", action="store_true", help="also time the OS suites (both modes) and the hup suite")
     args = ap.parse_args()
     profile = load_profile(args.device)
     image = (args.image or reference.build()).resolve()
@@ -165,10 +171,36 @@ def main() -> None:
         ("command round trip, SSH", f"{tb['ssh']:.1f} ms", f"{raw['ssh']:.1f} ms (paramiko exec)", tb["ssh"] / raw["ssh"], "<= 1.5"),
         ("command round trip, serial", f"{tb['serial']:.1f} ms", f"{raw['serial']:.1f} ms (pexpect)", tb["serial"] / raw["serial"], ""),
     ]  # fmt: skip
+    if args.suites:
+        tmp = Path(tempfile.mkdtemp(prefix="testbed-bench-"))
+        both = sum(
+            _timed_pytest(["suites", "--ignore=suites/hup", "--mode", mode], args.device, args.image, tmp)
+            for mode in ("development", "production")
+        )
+        hup = _timed_pytest(["suites/hup", "--hup-power-cuts", "5"], args.device, args.image, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        rows += [
+            ("OS suites, both modes", f"{both / 60:.1f} min", f"= {both / raw['boot']:.1f} cold boots", None, "<= 5 min"),
+            ("hup suite, 5 power cuts", f"{hup / 60:.1f} min", f"= {hup / raw['boot']:.1f} cold boots", None, "<= 6 min"),
+        ]  # fmt: skip
     print(f"{'figure':28} {'testbed':>10}   {'raw':38} {'ratio':>6}  target")
     for name, ours, theirs, ratio, target in rows:
         r = f"{ratio:.2f}" if ratio is not None else "-"
         print(f"{name:28} {ours:>10}   {theirs:38} {r:>6}  {target}")
+
+
+def _timed_pytest(args: list[str], device: str, image: Path | None, tmp: Path) -> float:
+    """Wall time of one pytest run of the suites (it must pass: a failing run is no figure)."""
+    argv = [sys.executable, "-m", "pytest", "-q", *args, "--device", device, "--report-dir", str(tmp)]
+    if image is not None:
+        argv += ["--image", str(image)]
+    t0 = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True)
+    seconds = time.monotonic() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
+    print(f"{' '.join(args)}: {seconds:.0f} s")
+    return seconds
 
 
 if __name__ == "__main__":

@@ -305,6 +305,11 @@ class Console:
                     self._fault = DutError(f"kernel panic on {self.name}: {found.group(0).decode(errors='replace')}")
                     break
 
+    def clear_fault(self) -> None:
+        """Forget a kernel panic seen so far (for waits where a panic is part of the test)."""
+        self._fault = None
+        self._window.clear()
+
     def check_fault(self) -> None:
         if self._fault is not None:
             raise DutError(f"{self._fault}\nlast console lines:\n{self.tail()}")

@@ -15,13 +15,21 @@ from typing import Any
 
 from testbed import image as img
 from testbed.console import CommandResult, Console, ConsoleLog, utcnow
-from testbed.errors import DutError, InfraError
+from testbed.errors import ConfigError, DutError, InfraError
 from testbed.machines.qemu import QemuMachine
 from testbed.profile import Profile
 from testbed.ssh import METHODS, AuthRefused, SshClient, load_or_create_key
 from testbed.util import cache_dir
 
 EvidenceSink = Callable[[dict[str, Any]], None]
+KERNEL_BANNER = re.compile(r"Linux version \d")
+
+# The running root's label: root=LABEL=... on the kernel command line, else the partition name
+# of the device mounted on /.
+_RUNNING_ROOT = (
+    "for a in $(cat /proc/cmdline); do case $a in root=LABEL=*) echo ${a#root=LABEL=}; exit;; esac; done;"
+    ' lsblk -no PARTLABEL "$(findmnt -no SOURCE /)"'
+)
 
 
 @dataclass
@@ -49,8 +57,9 @@ class Power:
         self.dut.ssh.close()
         self.dut.state = "off"
 
-    def on(self) -> None:
-        self.dut.power_on(kind="power-cycle")
+    def on(self, wait: bool = True, **wait_options: Any) -> BootRecord | None:
+        """Power on; with ``wait``, until SSH answers (options as for ``DUT.wait_ready``)."""
+        return self.dut.power_on(kind="power-cycle", wait=wait, **wait_options)
 
 
 class ConsoleAccess:
@@ -120,13 +129,16 @@ class DUT:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     boot_files: dict[str, bytes] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    media: dict[str, Path] = field(default_factory=dict)  # read-only disks attached from power-on
     _snapshot_console_logged_in: dict[str, bool] = field(default_factory=dict)
+    kernel_starts: int = 0  # kernel banners seen on the console, over all boots
 
     def __post_init__(self) -> None:
         self.name = self.name or self.profile.name
         self.console_log = ConsoleLog(self.console_log_path)
         self.console_log.open()
         self.machine = QemuMachine(self.profile, self.image, self.console_log, self.image_format)
+        self.machine.media.update(self.media)
         self.key = load_or_create_key(cache_dir() / "keys" / "id_ed25519")
         self.ssh = SshClient("127.0.0.1", self.machine.host_port("ssh"), self.profile.ssh.user, self.key)
         self.console = ConsoleAccess(self)
@@ -171,24 +183,53 @@ class DUT:
     def development_mode(self) -> bool:
         return self.config.get("developmentMode") in (True, "true")
 
-    def power_on(self, kind: str = "cold") -> BootRecord:
-        """Power on and wait until SSH answers; the boot is recorded with its timings."""
+    def power_on(self, kind: str = "cold", *, wait: bool = True, **wait_options: Any) -> BootRecord | None:
+        """Power on and wait until SSH answers; the boot is recorded with its timings.
+
+        ``wait=False`` returns once the machine runs (for a power cut at a chosen moment);
+        ``wait_options`` are those of :meth:`wait_ready`.
+        """
         self.prepare_disk()
         console = self.machine.power_on()
         console.watchers.append(self._watch_console)
         self.state = "booting"
-        return self._wait_boot(kind, self.machine.powered_on_at)
+        if not wait:
+            return None
+        return self._wait_boot(kind, self.machine.powered_on_at, **wait_options)
 
     def _watch_console(self, line: str) -> None:
-        """Runs on the console reader thread: note when this boot offered a login."""
+        """Runs on the console reader thread: count kernel starts, note when a boot offered a login."""
+        if KERNEL_BANNER.search(line):
+            self.kernel_starts += 1
         if self.boots and self.boots[-1].login_prompt_s is None and re.search(r"login: ?$", line):
             self.boots[-1].login_prompt_s = round(time.monotonic() - self.boots[-1].started, 3)
 
-    def _wait_boot(self, kind: str, started: float) -> BootRecord:
+    def _wait_boot(
+        self,
+        kind: str,
+        started: float,
+        timeout: float | None = None,
+        max_boots: int | None = None,
+        tolerate_panics: bool = False,
+    ) -> BootRecord:
         record = BootRecord(kind=kind, started=started)
         self.boots.append(record)
+        timeout = timeout or self.profile.timeouts.boot_to_ssh
+        first_start = self.kernel_starts
+
+        def abort() -> None:
+            if tolerate_panics and self.machine.console is not None:
+                self.machine.console.clear_fault()
+            self._abort_if_dead()
+            starts = self.kernel_starts - first_start
+            if max_boots is not None and starts > max_boots:
+                raise DutError(
+                    f"the kernel started {starts} times without SSH coming up (at most {max_boots} "
+                    "boots expected: the device keeps booting a root that does not come up)"
+                )
+
         try:
-            self.ssh.wait_ready(self.profile.timeouts.boot_to_ssh, abort=self._abort_if_dead)
+            self.ssh.wait_ready(timeout, abort=abort)
         except DutError as exc:
             tail = self.machine.console.tail() if self.machine.console else ""
             raise DutError(
@@ -200,24 +241,39 @@ class DUT:
         self.state = "ssh-ready"
         return record
 
-    def wait_ready(self) -> BootRecord:
-        """Wait for SSH after the device was started or rebooted some other way."""
-        return self._wait_boot("wait", time.monotonic())
+    def wait_ready(
+        self, timeout: float | None = None, max_boots: int | None = None, tolerate_panics: bool = False
+    ) -> BootRecord:
+        """Wait for SSH after the device was started or rebooted some other way.
 
-    def reboot(self) -> BootRecord:
-        """Reboot through the OS and wait until SSH answers on the new boot."""
-        before = self.boot_id()
+        ``timeout`` defaults to the profile's boot_to_ssh; ``max_boots`` fails the wait early
+        once the kernel started more often than that (a boot loop); ``tolerate_panics`` lets
+        kernel panics on the way pass (a root that is meant to fail).
+        """
+        return self._wait_boot("wait", time.monotonic(), timeout, max_boots, tolerate_panics)
+
+    def start_reboot(self) -> float:
+        """Ask the OS to reboot and return once the old boot is over (not waiting for the new one)."""
         console = self.machine.console
         assert console is not None
         console.drain()
         self.ssh.run("systemd-run --on-active=1 --no-block systemctl reboot", 30)
         self.ssh.close()
+        self.state = "booting"
         t0 = time.monotonic()
         # The firmware starting again is the sign the old boot is over.
         console.expect(
             r"reboot: Restarting system|BdsDxe|Linux version", self.profile.timeouts.shutdown, "the device to restart"
         )
-        record = self._wait_boot("reboot", t0)
+        return t0
+
+    def reboot(
+        self, timeout: float | None = None, max_boots: int | None = None, tolerate_panics: bool = False
+    ) -> BootRecord:
+        """Reboot through the OS and wait until SSH answers on the new boot (see :meth:`wait_ready`)."""
+        before = self.boot_id()
+        t0 = self.start_reboot()
+        record = self._wait_boot("reboot", t0, timeout, max_boots, tolerate_panics)
         after = self.boot_id()
         if after == before:
             raise DutError(f"{self.name} did not reboot: boot_id is still {after}")
@@ -247,7 +303,7 @@ class DUT:
         if name not in self._snapshot_console_logged_in:
             raise InfraError(f"no snapshot named {name!r} was taken on {self.name}")
         if not self.machine.is_on():
-            self.machine.power_on()
+            self.machine.power_on().watchers.append(self._watch_console)
         self.ssh.close()
         t0 = time.monotonic()
         self.machine.load_snapshot(name)
@@ -267,6 +323,42 @@ class DUT:
         if check and not result.ok:
             raise DutError(_describe_failure(result))
         return result
+
+    def upload(self, local: Path, remote: str, timeout: float = 600) -> CommandResult:
+        """Copy a (large) file to the device over SSH, zstd-compressed on the way when the device
+        has zstd (decompressed there into a sparse file); ``remote`` appears only once complete."""
+        local = Path(local)
+        if not local.is_file():
+            raise ConfigError(f"{local}: no such file to upload to {self.name}")
+        quoted = shlex.quote(remote)
+        partial = shlex.quote(remote + ".partial")
+        has_zstd = self.run("command -v zstd", 30).exit_code == 0
+        with open(local, "rb") as raw:
+            if has_zstd:
+                import zstandard
+
+                stream: Any = zstandard.ZstdCompressor(level=1, threads=-1).stream_reader(raw)
+                command = f"zstd -q -d -c --sparse > {partial} && mv -f {partial} {quoted}"
+            else:
+                stream = raw
+                command = f"cat > {partial} && mv -f {partial} {quoted}"
+            result = self.ssh.run(command, timeout, stdin=stream)
+        result.command = f"upload {local} ({local.stat().st_size} bytes) to {remote}: {command}"
+        self.record(result)
+        if not result.ok:
+            raise DutError(_describe_failure(result))
+        return result
+
+    def media_device(self, name: str) -> str:
+        """Where the device sees the attached medium ``name`` (see ``media``)."""
+        if name not in self.media:
+            raise ConfigError(f"{self.name} has no medium named {name!r} (attached: {sorted(self.media)})")
+        return self.machine.media_device(name)
+
+    def running_root(self) -> str:
+        """The partition label of the running root filesystem (e.g. "resin-rootB")."""
+        out = self.run(_RUNNING_ROOT, check=True).stdout.strip()
+        return out.splitlines()[0] if out else ""
 
     def record_note(self, what: str, output: str, ok: bool = True, transport: str = "farm") -> None:
         """Evidence for something checked from the farm's side (an HTTP request, an SSH login)."""
@@ -317,6 +409,8 @@ class DUT:
                     key, _, value = line.partition("=")
                     if key in ("PRETTY_NAME", "VERSION_ID", "KERNEL", "SLUG"):
                         facts[key.lower()] = value.strip().strip('"')
+                root = self.ssh.run(_RUNNING_ROOT, 30).stdout.strip()
+                facts["root"] = root.splitlines()[0] if root else ""
             except (DutError, InfraError):
                 pass
         return facts

@@ -37,6 +37,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="set developmentMode in the booted copy's config.json (default: as the image has it)",
     )
     group.addoption(
+        "--hup-bundle",
+        default=None,
+        help="host OS update bundle for the hup suite (default: the reference recipe built as a newer version)",
+    )
+    group.addoption(
+        "--hup-power-cuts", type=int, default=5, help="power-cut trials of the hup suite (default %(default)s)"
+    )
+    group.addoption(
+        "--hup-seed", type=int, default=None, help="seed of the power-cut moments (default: random, reported)"
+    )
+    group.addoption(
         "--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)"
     )
 
@@ -279,7 +290,12 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
     made: list[DUT] = []
     mode = testbed_state.config.getoption("--mode")
 
-    def make(name: str, config_overrides: dict[str, Any] | None = None, boot_files: dict[str, bytes] | None = None) -> DUT:
+    def make(
+        name: str,
+        config_overrides: dict[str, Any] | None = None,
+        boot_files: dict[str, bytes] | None = None,
+        media: dict[str, Path] | None = None,
+    ) -> DUT:
         image = testbed_state.resolve_image()
         run_dir = testbed_state.open_run()
         overrides = {"developmentMode": mode == "development"} if mode else {}
@@ -291,6 +307,7 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
             name=f"{device_profile.name}-{name}",
             config_overrides={**overrides, **(config_overrides or {})},
             boot_files=boot_files or {},
+            media=dict(media or {}),
         )
         device.sink = testbed_state.evidence
         made.append(device)

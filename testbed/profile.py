@@ -49,6 +49,11 @@ class Timeouts(_Strict):
     restore_to_ssh: float = 60.0
     command: float = 120.0
     shutdown: float = 60.0
+    # From a reboot into a new root that must roll back until SSH answers on the old root:
+    # the failed boot (or health checks), a restart and a good boot.
+    rollback: float = 420.0
+    # From SSH ready on an updated root until its health check committed the update.
+    health_commit: float = 180.0
 
 
 class ConsoleSettings(_Strict):

@@ -63,6 +63,7 @@ __all__ = [
     "Partition",
     "RECIPE_DIR",
     "build",
+    "build_bundle",
     "check_host",
     "default_cache_dir",
     "image_hash",
@@ -70,6 +71,10 @@ __all__ = [
 ]
 
 IMAGE_NAME = "testbed-ref-x86_64.img"
+BUNDLE_NAME = "testbed-ref-x86_64.rootfs.ext4"
+# The version of the update bundle built next to the default image.
+BUNDLE_VERSION = "1.0.1"
+BUNDLE_LABEL = "hostapp-bundle"
 MANIFEST_NAME = "manifest.json"
 BUILD_LOG_NAME = "build.log"
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "images"
@@ -149,7 +154,7 @@ PARTITIONS = (
     Partition("resin-rootA", "ext4", GPT_ROOT_X86_64, None),
     Partition("resin-rootB", "ext4", GPT_ROOT_X86_64, None),
     Partition("resin-state", "ext4", GPT_LINUX_DATA, 64 * MIB),
-    Partition("resin-data", "ext4", GPT_LINUX_DATA, 512 * MIB),
+    Partition("resin-data", "ext4", GPT_LINUX_DATA, 1024 * MIB),
 )
 
 # Host tool -> Debian package that provides it.
@@ -268,6 +273,63 @@ def build(
                 _remove_tree(staging)
     log(f"reference image ready: {image}")
     return image
+
+
+def build_bundle(
+    options: BuildOptions = BuildOptions(version=BUNDLE_VERSION),
+    cache_dir: Path | None = None,
+    log: Log = print,
+) -> Path:
+    """Build (or find in the cache) a host OS update bundle; return its path.
+
+    The bundle is the root filesystem (ext4) of the reference image built with ``options``
+    (by default a newer version than the default image), the input of the image's
+    ``hostapp-update -f``. It sits beside that image as ``testbed-ref-x86_64.rootfs.ext4``,
+    sparse, read-only.
+    """
+    image = build(options, cache_dir=cache_dir, log=log)
+    bundle = image.parent / BUNDLE_NAME
+    if bundle.is_file():
+        return bundle
+    manifest = json.loads((image.parent / MANIFEST_NAME).read_text())
+    root = next(p for p in manifest["partitions"] if p["label"] == "resin-rootA")
+    with _locked(image.parent.parent / ".lock", log):
+        if bundle.is_file():
+            return bundle
+        partial = image.parent / f".{BUNDLE_NAME}.tmp"
+        with open(partial, "wb") as out:
+            out.truncate(int(root["size"]))
+            _sparse_region_copy(image, int(root["start"]), int(root["size"]), out.fileno())
+        # Its own label: attached beside the disk it must not pass for a root partition.
+        subprocess.run([_which("tune2fs") or "tune2fs", "-L", BUNDLE_LABEL, str(partial)],
+                       check=True, capture_output=True)
+        partial.chmod(0o444)
+        os.replace(partial, bundle)
+    log(f"update bundle ready: {bundle} (version {options.version})")
+    return bundle
+
+
+def _sparse_region_copy(src: Path, start: int, size: int, dst_fd: int) -> None:
+    """Copy ``size`` bytes of ``src`` from ``start`` into ``dst_fd`` at 0, leaving holes."""
+    with open(src, "rb") as handle:
+        fd = handle.fileno()
+        pos = start
+        end = start + size
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            copied = 0
+            while copied < hole - data:
+                n = os.copy_file_range(fd, dst_fd, hole - data - copied, data + copied, data - start + copied)
+                if n == 0:
+                    raise BuildError(f"short copy from {src}")
+                copied += n
+            pos = hole
 
 
 def check_host() -> None:
@@ -757,18 +819,25 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m testbed.reference",
         description="Build the testbed reference OS disk image (cached) and print its path.",
     )
-    parser.add_argument("--version", default=BuildOptions.version, help="OS version (default %(default)s)")
+    parser.add_argument("--version", default=None,
+                        help=f"OS version (default {BuildOptions.version}, {BUNDLE_VERSION} with --bundle)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="cache directory (default $TESTBED_CACHE or ~/.cache/testbed)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the image is cached")
+    parser.add_argument("--bundle", action="store_true",
+                        help="build the update bundle (root filesystem) of that version instead, and print its path")
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        options = BuildOptions(version=args.version)
-        image = build(options, cache_dir=args.cache_dir, log=log, force=args.force)
+        version = args.version or (BUNDLE_VERSION if args.bundle else BuildOptions.version)
+        options = BuildOptions(version=version)
+        if args.bundle:
+            image = build_bundle(options, cache_dir=args.cache_dir, log=log)
+        else:
+            image = build(options, cache_dir=args.cache_dir, log=log, force=args.force)
     except (BuildError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

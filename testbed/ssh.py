@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import paramiko
 
@@ -145,8 +146,12 @@ class SshClient:
             self.transport = None
 
     # -- commands ----------------------------------------------------------------------
-    def run(self, command: str, timeout: float) -> CommandResult:
-        """Run one command; return exit code, stdout, stderr. Output is read as it comes."""
+    def run(self, command: str, timeout: float, stdin: BinaryIO | None = None) -> CommandResult:
+        """Run one command; return exit code, stdout, stderr. Output is read as it comes.
+
+        ``stdin``, if given, is streamed to the command (then end of file) before its output is
+        collected: for uploads (``cat > file``) without SFTP's round trips.
+        """
         if not self.connected():
             raise InfraError(f"SSH to {self.host}:{self.port} is not connected")
         assert self.transport is not None
@@ -158,8 +163,18 @@ class SshClient:
         out, err = bytearray(), bytearray()
         try:
             chan.exec_command(command)
-            chan.shutdown_write()
             deadline = t0 + timeout
+            if stdin is not None:
+                while chunk := stdin.read(1 << 20):
+                    chan.settimeout(max(deadline - time.monotonic(), 0.1))
+                    try:
+                        chan.sendall(chunk)
+                    except (TimeoutError, OSError) as exc:
+                        if chan.exit_status_ready():
+                            break  # the command ended early; its exit code says why
+                        raise DutError(f"`{command}` stopped taking input within {timeout:g}s: {exc}") from None
+                chan.settimeout(None)
+            chan.shutdown_write()
             while True:
                 while chan.recv_ready():
                     out.extend(chan.recv(65536))

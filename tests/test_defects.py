@@ -61,12 +61,24 @@ def relabel(label: str, new: str) -> Callable[[Path], None]:
     return edit
 
 
+def bundle_file_removed(path: str) -> Callable[[Path], None]:
+    """A defect of the update bundle (the new root): ``path`` removed from it."""
+
+    def edit(bundle: Path) -> None:
+        done = subprocess.run(["debugfs", "-w", "-R", f"rm {path}", str(bundle)], capture_output=True, text=True)
+        check = subprocess.run(["debugfs", "-R", f"stat {path}", str(bundle)], capture_output=True, text=True)
+        assert done.returncode == 0 and "not found" in check.stderr, f"could not remove {path}: {done.stderr}"
+
+    return edit
+
+
 @dataclass
 class Defect:
     edits: list[Callable[[Path], None]]
     run: list[str]  # suites and pytest options
     fails: dict[str, str]  # test name -> words its failure message must contain
     profile: dict[str, object] = field(default_factory=dict)  # profile keys to override
+    bundle_edits: list[Callable[[Path], None]] = field(default_factory=list)  # on a copy of the update bundle
 
 
 DEFECTS = {
@@ -137,6 +149,19 @@ DEFECTS = {
             "test_persistent_journal_survives_a_reboot": "must keep earlier boots",
         },
     ),
+    "grub-never-falls-back": Defect(
+        edits=[boot_file("/EFI/BOOT/grub.cfg", 'if [ "${bootcount}" -ge 2 ]; then', 'if [ "${bootcount}" -ge 99 ]; then')],
+        run=["suites/hup", "-k", "does_not_boot", "--hup-power-cuts", "0"],
+        fails={"test_rollback_when_the_new_root_does_not_boot": "the kernel started 3 times"},
+    ),
+    "health-check-never-fires": Defect(
+        edits=[],
+        bundle_edits=[bundle_file_removed("/etc/systemd/system/multi-user.target.wants/rollback-health.service")],
+        run=["suites/hup", "-k", "unhealthy", "--hup-power-cuts", "0"],
+        fails={"test_rollback_when_the_new_root_is_unhealthy": "did not become ready over SSH"},
+        # A good image is back on its old root in about two boots; this one never is.
+        profile={"rollback": 200},
+    ),
     "state-path-not-bind-mounted": Defect(
         edits=[root_file("/etc/state-binds", "/var/lib/chrony\n", "")],
         run=["suites/rootfs", "-k", "bind_mounts or read_only"],
@@ -171,12 +196,23 @@ def test_suite_fails_the_check_that_matches_the_defect(name: str, reference_imag
     for edit in defect.edits:
         edit(overlay)
     device = str(_profile_with(tmp_path, defect.profile)) if defect.profile else "qemu-x86_64"
+    extra: list[str] = []
+    if "suites/hup" in defect.run:
+        bundle = reference.build_bundle()
+        if defect.bundle_edits:
+            copy = tmp_path / "bundle.ext4"
+            subprocess.run(["cp", "--sparse=always", str(bundle), str(copy)], check=True)
+            copy.chmod(0o644)
+            for edit in defect.bundle_edits:
+                edit(copy)
+            bundle = copy
+        extra = ["--hup-bundle", str(bundle)]
     reports = tmp_path / "reports"
     env = {**os.environ, "TESTBED_RUNTIME_DIR": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *defect.run]
-        + ["--image", str(overlay), "--device", device, "--report-dir", str(reports)],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=900,
+        + ["--image", str(overlay), "--device", device, "--report-dir", str(reports), *extra],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=1500,
     )  # fmt: skip
     latest = next(reports.glob("*/latest"))
     report = json.loads((latest / "report.json").read_text())

@@ -19,7 +19,8 @@ in_root() {
 # ownership and mode.
 tar -C "${recipe}/rootfs" --owner=0 --group=0 --numeric-owner --mode=go-w -cf - . |
 	tar -C "${root}" -xf - --no-overwrite-dir
-chmod 755 "${root}"/usr/libexec/testbed/* \
+chmod 755 "${root}"/usr/libexec/testbed/* "${root}"/usr/sbin/hostapp-update \
+	"${root}"/usr/lib/hostapp-update/hooks.d/* \
 	"${root}"/etc/initramfs-tools/hooks/testbed \
 	"${root}"/etc/initramfs-tools/scripts/init-bottom/testbed-state
 
@@ -52,6 +53,8 @@ mkdir -p "${root}/var/lib/cni/networks"
 # Every mount point in fstab must exist: the root filesystem is read-only.
 awk '$1 !~ /^#/ && $2 ~ /^\// { print $2 }' "${root}/etc/fstab" |
 	while read -r dir; do mkdir -p "${root}${dir}"; done
+# The A/B roots, mounted by the initramfs.
+mkdir -p "${root}/mnt/sysroot/active" "${root}/mnt/sysroot/inactive"
 
 # --- systemd units --------------------------------------------------------
 for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
@@ -66,7 +69,8 @@ for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
 	fi
 done
 in_root systemctl --quiet enable config-json.service ssh-hostkeys.service \
-	dnsmasq.service NetworkManager.service ssh.service chrony.service
+	dnsmasq.service NetworkManager.service ssh.service chrony.service \
+	rollback-altboot.service rollback-health.service
 # Not needed, and every unit costs boot time on an emulated CPU.
 for unit in dev-hugepages.mount dev-mqueue.mount sys-fs-fuse-connections.mount \
 	sys-kernel-config.mount sys-kernel-debug.mount sys-kernel-tracing.mount \
