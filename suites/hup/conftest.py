@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,7 +54,7 @@ class Hup:
     new_version: str = ""
     update_s: float = 0.0
     first_boot_s: float = 0.0
-    trials: list[dict[str, object]] = field(default_factory=list)
+    rolled_back: bool = False  # the device has just rolled back (left so by a test)
 
     @property
     def bundle_device(self) -> str:

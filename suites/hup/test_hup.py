@@ -70,15 +70,17 @@ def test_rollback_when_the_new_root_does_not_boot(updated: Hup) -> None:
     assert "rollback-altboot-triggered" in files, (
         f"the device went back to {root} but {STATE}/rollback-altboot-triggered is missing: {sorted(files)}"
     )
-    d.save_snapshot("hup-rolled-back")
+    # The next test goes on from here. (Not a snapshot: OVMF does not always come back from a
+    # reset of a snapshot that was taken after the machine had been reset.)
+    updated.rolled_back = True
 
 
 def test_update_after_a_rollback(updated: Hup) -> None:
-    try:
-        d = updated.fresh("hup-rolled-back")
-    except Exception:  # noqa: BLE001 - the rollback test did not leave its snapshot: make the rollback here
+    if not updated.rolled_back:
         roll_back_from_a_root_without_init(updated)
-        d = updated.dut
+    updated.rolled_back = False
+    d = updated.dut
+    assert d.running_root() == updated.old_root, "the rollback before this update did not end on the old root"
     version = updated.update()
     d.reboot()
     root = d.running_root()
