@@ -242,7 +242,10 @@ class QemuMachine:
             "-machine", s.machine, "-accel", self.accel, "-cpu", cpu, "-m", str(s.memory_mib), "-smp", str(s.cpus),
             "-display", "none", "-vga", "std",
             "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
-            "-drive", f"if=pflash,format=qcow2,file={self.vars}",
+            # The firmware writes its variables a word at a time, each a synchronous write; with
+            # the host flushes qcow2 needs for them, a boot after large disk writes waited minutes
+            # on the host's journal. The variables are rewritten at every boot anyway.
+            "-drive", f"if=pflash,format=qcow2,file={self.vars},cache=unsafe",
             # cache=writeback honours the guest's flushes, so a power cut (QEMU killed) loses
             # exactly what a disk with a volatile cache would lose, no more.
             "-drive", f"if=none,id=disk0,format=qcow2,file={self.overlay},cache=writeback,discard=unmap",
