@@ -16,7 +16,7 @@ from typing import Any
 from testbed import image as img
 from testbed.console import CommandResult, Console, ConsoleLog, utcnow
 from testbed.errors import DutError, InfraError
-from testbed.machines.qemu import QemuMachine
+from testbed.machines.qemu import QemuMachine, TapNic
 from testbed.profile import Profile
 from testbed.ssh import METHODS, AuthRefused, SshClient, load_or_create_key
 from testbed.util import cache_dir
@@ -120,13 +120,14 @@ class DUT:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     boot_files: dict[str, bytes] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    lab_nics: list[TapNic] = field(default_factory=list)  # NICs on the farm's lab network, after net0
     _snapshot_console_logged_in: dict[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.profile.name
         self.console_log = ConsoleLog(self.console_log_path)
         self.console_log.open()
-        self.machine = QemuMachine(self.profile, self.image, self.console_log, self.image_format)
+        self.machine = QemuMachine(self.profile, self.image, self.console_log, self.image_format, self.lab_nics)
         self.key = load_or_create_key(cache_dir() / "keys" / "id_ed25519")
         self.ssh = SshClient("127.0.0.1", self.machine.host_port("ssh"), self.profile.ssh.user, self.key)
         self.console = ConsoleAccess(self)

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -34,6 +34,16 @@ class Forward:
     name: str
     guest_port: int
     host_port: int
+
+
+class TapNic(Protocol):
+    """A second NIC on a tap device the farm opened (the lab network); QEMU gets its descriptor."""
+
+    @property
+    def fd(self) -> int: ...
+
+    @property
+    def mac(self) -> str: ...
 
 
 def _qemu_img(*args: str) -> None:
@@ -192,7 +202,14 @@ class QemuMachine:
 
     kind = "qemu"
 
-    def __init__(self, profile: Profile, image: Path, console_log: ConsoleLog, image_format: str = "raw") -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        image: Path,
+        console_log: ConsoleLog,
+        image_format: str = "raw",
+        lab_nics: list[TapNic] | None = None,
+    ) -> None:
         if profile.qemu is None:
             raise ConfigError(f"{profile.source}: a QEMU device needs a 'qemu:' section")
         self.profile = profile
@@ -207,6 +224,9 @@ class QemuMachine:
             "ssh": Forward("ssh", profile.ssh.port, free_port()),
             "engine": Forward("engine", 2375, free_port()),
         }
+        # NICs after net0 (the user-mode NIC that carries SSH and the engine), on taps whose
+        # descriptors stay open in testbed across power cycles.
+        self.lab_nics = list(lab_nics or [])
         self.proc: OwnedProcess | None = None
         self.qmp: Qmp | None = None
         self.console: Console | None = None
@@ -244,12 +264,21 @@ class QemuMachine:
             "-device", f"{disk_dev},drive=disk0,bootindex=0",
             "-netdev", f"user,id=net0,{hostfwd}",
             "-device", f"{s.nic},netdev=net0",
+            *self._lab_nic_args(),
             "-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=ser0,fd={serial_fd},server=on,wait=off",
             "-serial", "chardev:ser0",
             *s.extra_args,
         ]  # fmt: skip
+
+    def _lab_nic_args(self) -> list[str]:
+        args: list[str] = []
+        for index, nic in enumerate(self.lab_nics):
+            netdev = f"lab{index}"
+            args += ["-netdev", f"tap,id={netdev},fd={nic.fd}"]
+            args += ["-device", f"{self.settings.nic},netdev={netdev},mac={nic.mac}"]
+        return args
 
     # -- power -------------------------------------------------------------------------
     def power_on(self) -> Console:
@@ -262,7 +291,7 @@ class QemuMachine:
         try:
             self.proc = OwnedProcess(
                 self.argv(qmp_l.fileno(), ser_l.fileno()),
-                pass_fds=[qmp_l.fileno(), ser_l.fileno()],
+                pass_fds=[qmp_l.fileno(), ser_l.fileno(), *(nic.fd for nic in self.lab_nics)],
                 stderr_path=self.workdir / "qemu.stderr",
             )
             qs = socket.socket(socket.AF_UNIX)
