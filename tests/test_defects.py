@@ -137,6 +137,20 @@ DEFECTS = {
             "test_persistent_journal_survives_a_reboot": "must keep earlier boots",
         },
     ),
+    # Both on one image to keep the boots few; each check must name its own key, and the lab
+    # checks neither key touches (address, default route, mDNS) must still pass.
+    "config-dns-and-ntp-servers-ignored": Defect(
+        edits=[
+            root_file(CONFIG_JSON_SCRIPT, "printf 'server=%s\\n' \"${server}\"", ': "${server}"'),
+            root_file(CONFIG_JSON_SCRIPT, "printf 'server %s iburst\\n' \"${server}\"", ': "${server}"'),
+        ],
+        run=["suites/network", "-k", "farm or chrony"],
+        fails={
+            "test_farm_dns_name_resolves_through_the_devices_dnsmasq": "config.json dnsServers",
+            "test_chrony_synchronises_with_the_farm_ntp_server": "config.json ntpServers",
+        },
+        profile={"ntp_sync": 20},
+    ),
     "state-path-not-bind-mounted": Defect(
         edits=[root_file("/etc/state-binds", "/var/lib/chrony\n", "")],
         run=["suites/rootfs", "-k", "bind_mounts or read_only"],
