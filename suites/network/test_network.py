@@ -151,6 +151,7 @@ def test_hostname_answers_over_mdns_from_the_farm_in_development_mode(configured
     avahi = dut.run("systemctl is-active avahi-daemon").stdout.strip()
     timeout = dut.profile.timeouts.mdns_answer
     answers = farm.mdns_resolve(name, timeout)
+    journal = dut.run("journalctl -u avahi-daemon --no-pager -n 12 -o cat").stdout.strip()
     dut.record_note(
         f"mDNS query for {name} from the farm ({lab.FARM}) to 224.0.0.251:5353", f"answers: {answers}", transport="farm"
     )
@@ -158,9 +159,10 @@ def test_hostname_answers_over_mdns_from_the_farm_in_development_mode(configured
         assert answers == [address], (
             f"development mode must announce {name} over mDNS on the device's networks: asked from the farm, "
             f"expected {address} (the device's lab address), got {answers or f'no answer within {timeout:g}s'}; "
-            f"avahi-daemon is {avahi}"
+            f"avahi-daemon is {avahi}; its last log lines:\n{journal}"
         )
     else:
         assert not answers and avahi != "active", (
-            f"production mode must not announce {name} over mDNS: the farm got {answers}; avahi-daemon is {avahi}"
+            f"production mode must not announce {name} over mDNS: the farm got {answers}; avahi-daemon is {avahi}; "
+            f"its last log lines:\n{journal}"
         )

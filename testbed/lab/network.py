@@ -337,16 +337,20 @@ class LabNetwork:
     def mdns_resolve(self, name: str, timeout: float) -> list[str]:
         """Ask the lab network for ``name`` (e.g. ``<hostname>.local``) over multicast DNS.
 
-        A one-shot ("legacy unicast", RFC 6762 section 6.7) query from the farm to
-        224.0.0.251:5353 out of the bridge; a responder answers to the query's source port.
-        Returns the IPv4 addresses answered within ``timeout`` seconds (empty: no answer).
+        A standard mDNS query, as a second host's resolver sends it: from port 5353 to
+        224.0.0.251:5353 out of the bridge, answered by multicast to the same group (or by
+        unicast to the farm). Repeated each second; returns the IPv4 addresses answered for
+        ``name`` within ``timeout`` seconds (empty: no answer).
         """
         want = name.rstrip(".").lower()
         with self.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", 5353))
+            group = socket.inet_aton("224.0.0.251")
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group + socket.inet_aton(FARM))
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(FARM))
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
-            sock.bind((FARM, 0))
-            _txid, query = _dns_query(want, flags=0)
+            _txid, query = _dns_query(want, txid=0, flags=0)
             deadline = time.monotonic() + timeout
             resend = 0.0
             found: list[str] = []
@@ -362,7 +366,11 @@ class LabNetwork:
                     data, _ = sock.recvfrom(9000)
                 except TimeoutError:
                     continue
-                found = [addr for n, addr in parse_a_records(data) if n == want]
+                try:
+                    if data[2] & 0x80:  # a response, not another host's query
+                        found = [addr for n, addr in parse_a_records(data) if n == want]
+                except (IndexError, struct.error):
+                    continue  # not a DNS message we can read
         return found
 
     def service_log(self, name: str, lines: int = 40, grep: str = "") -> str:
