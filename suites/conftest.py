@@ -81,11 +81,12 @@ def extra_key(tmp_path_factory: pytest.TempPathFactory) -> paramiko.PKey:
 
 
 @pytest.fixture(scope="session")
-def configured(
-    lab_network: LabNetwork, dut_factory: Callable[..., DUT], extra_key: paramiko.PKey, dut: DUT
-) -> Configured:
+def configured(lab_network: LabNetwork, dut_factory: Callable[..., DUT], extra_key: paramiko.PKey) -> Configured:
     """One more boot, with every config.json key the image applies set to a checkable value,
-    and a second NIC on the farm's lab network."""
+    and a second NIC on the farm's lab network.
+
+    It does not need the session's ``dut``: a run of only these checks boots one device.
+    """
     public = f"{extra_key.get_name()} {extra_key.get_base64()} extra"
     config = {**CONFIGURED, "os": {"sshKeys": [public]}}
     device = dut_factory(

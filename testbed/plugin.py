@@ -302,6 +302,9 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
         device.sink = testbed_state.evidence
         made.append(device)
         device.power_on()
+        if not testbed_state.facts:
+            # The report's device facts, when the session's own ``dut`` is not booted in this run.
+            testbed_state.facts = device.facts()
         return device
 
     yield make
