@@ -273,9 +273,9 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
     """Boot more devices from the same image with their own config.json and boot files.
 
     ``make(name, config_overrides={...}, boot_files={"/system-connections/x": b"..."}, lab=lab_network)``
-    returns a booted DUT (with ``lab``, a second NIC on the farm's lab network) (its own overlay, console log ``console-<name>.log``); all are
-    closed at the end of the session. For checks of what an image does with a config
-    given before its first boot.
+    returns a booted DUT (its own overlay, console log ``console-<name>.log``; with ``lab``, a
+    second NIC on the farm's lab network); all are closed at the end of the session. For
+    checks of what an image does with a config given before its first boot.
     """
     made: list[DUT] = []
     mode = testbed_state.config.getoption("--mode")
