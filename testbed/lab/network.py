@@ -301,7 +301,13 @@ class LabNetwork:
                 raise
             return fd, got[:16].rstrip(b"\0").decode()
 
-        fd, tap = _in_thread(self.ns_fd, make_tap)
+        try:
+            fd, tap = _in_thread(self.ns_fd, make_tap)
+        except OSError as exc:
+            raise InfraError(
+                f"lab network: cannot create a tap for a device's second NIC ({exc}): this host needs /dev/net/tun "
+                "(modprobe tun; in a container, pass the device /dev/net/tun) and CAP_NET_ADMIN"
+            ) from None
         self.ip("link", "set", tap, "master", BRIDGE)
         self.ip("link", "set", tap, "up")
         nic = LabNic(fd=fd, tap=tap, mac=f"52:54:00:fa:00:{index + 1:02x}")
