@@ -247,6 +247,8 @@ class LabNetwork:
             [
                 self.tools["dnsmasq"], "--keep-in-foreground", "--conf-file=/dev/null", "--log-facility=-",
                 "--log-queries", "--log-dhcp", "--no-resolv", "--no-hosts", "--no-poll", "--pid-file=",
+                # Root throughout: a change of user would clear PR_SET_PDEATHSIG, and the
+                # service must die with its owner.
                 "--user=root", "--group=root",
                 f"--interface={BRIDGE}", "--bind-interfaces", "--except-interface=lo",
                 "--local=/testbed.lab/", f"--host-record={FARM_NAME},{self.farm_answer}",
@@ -270,6 +272,7 @@ class LabNetwork:
             f"pidfile {self.workdir / 'chronyd.pid'}\n"
             "driftfile /dev/null\n"
         )
+        # -u root: no change of user, which would clear PR_SET_PDEATHSIG (see dnsmasq).
         self._service("chronyd", [self.tools["chronyd"], "-d", "-x", "-u", "root", "-f", str(conf)])
 
     def _wait_services(self) -> None:
@@ -390,11 +393,6 @@ class LabNetwork:
     def leases(self) -> str:
         path = self.workdir / "dnsmasq.leases"
         return path.read_text() if path.exists() else ""
-
-    def check_alive(self) -> None:
-        for name, proc in self.services.items():
-            if not proc.alive():
-                raise InfraError(f"the farm's {name} exited: {proc.stderr_tail()}")
 
     # -- end -------------------------------------------------------------------------------
     def close(self) -> None:
