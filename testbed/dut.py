@@ -16,7 +16,7 @@ from typing import Any
 from testbed import image as img
 from testbed.console import CommandResult, Console, ConsoleLog, utcnow
 from testbed.errors import ConfigError, DutError, InfraError
-from testbed.machines.qemu import QemuMachine
+from testbed.machines.qemu import QemuMachine, TapNic
 from testbed.profile import Profile
 from testbed.ssh import METHODS, AuthRefused, SshClient, load_or_create_key
 from testbed.util import cache_dir
@@ -130,6 +130,7 @@ class DUT:
     boot_files: dict[str, bytes] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     media: dict[str, Path] = field(default_factory=dict)  # read-only disks attached from power-on
+    lab_nics: list[TapNic] = field(default_factory=list)  # NICs on the farm's lab network, after net0
     _snapshot_console_logged_in: dict[str, bool] = field(default_factory=dict)
     kernel_starts: int = 0  # kernel banners seen on the console, over all boots
 
@@ -137,7 +138,7 @@ class DUT:
         self.name = self.name or self.profile.name
         self.console_log = ConsoleLog(self.console_log_path)
         self.console_log.open()
-        self.machine = QemuMachine(self.profile, self.image, self.console_log, self.image_format)
+        self.machine = QemuMachine(self.profile, self.image, self.console_log, self.image_format, self.lab_nics)
         self.machine.media.update(self.media)
         self.key = load_or_create_key(cache_dir() / "keys" / "id_ed25519")
         self.ssh = SshClient("127.0.0.1", self.machine.host_port("ssh"), self.profile.ssh.user, self.key)

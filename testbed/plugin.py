@@ -16,6 +16,7 @@ import testbed
 from testbed import report as rep
 from testbed.dut import DUT
 from testbed.errors import ConfigError, DutError, InfraError
+from testbed.lab.network import LabNetwork
 from testbed.profile import Profile, load_profile
 
 DEFAULT_DEVICE = "qemu-x86_64"
@@ -282,10 +283,10 @@ def dut(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
 def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterator[Callable[..., DUT]]:
     """Boot more devices from the same image with their own config.json and boot files.
 
-    ``make(name, config_overrides={...}, boot_files={"/system-connections/x": b"..."})``
-    returns a booted DUT (its own overlay, console log ``console-<name>.log``); all are
-    closed at the end of the session. For checks of what an image does with a config
-    given before its first boot.
+    ``make(name, config_overrides={...}, boot_files={"/system-connections/x": b"..."}, lab=lab_network)``
+    returns a booted DUT (its own overlay, console log ``console-<name>.log``; with ``lab``, a
+    second NIC on the farm's lab network); all are closed at the end of the session. For
+    checks of what an image does with a config given before its first boot.
     """
     made: list[DUT] = []
     mode = testbed_state.config.getoption("--mode")
@@ -295,6 +296,7 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
         config_overrides: dict[str, Any] | None = None,
         boot_files: dict[str, bytes] | None = None,
         media: dict[str, Path] | None = None,
+        lab: LabNetwork | None = None,
     ) -> DUT:
         image = testbed_state.resolve_image()
         run_dir = testbed_state.open_run()
@@ -308,15 +310,31 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
             config_overrides={**overrides, **(config_overrides or {})},
             boot_files=boot_files or {},
             media=dict(media or {}),
+            lab_nics=[lab.attach()] if lab is not None else [],
         )
         device.sink = testbed_state.evidence
         made.append(device)
         device.power_on()
+        if not testbed_state.facts:
+            # The report's device facts, when the session's own ``dut`` is not booted in this run.
+            testbed_state.facts = device.facts()
         return device
 
     yield make
     for device in made:
         device.close()
+
+
+@pytest.fixture(scope="session")
+def lab_network(device_profile: Profile) -> Iterator[LabNetwork]:
+    """The farm's lab network for this session: DHCP, DNS and NTP served from a private namespace.
+
+    Devices join it through ``dut_factory(..., lab=lab_network)``. Creating it needs root
+    (a network namespace and a tap); without it the tests that need the farm end in a
+    ConfigError that says so.
+    """
+    with LabNetwork(timeout=device_profile.timeouts.lab_services) as lab:
+        yield lab
 
 
 @pytest.fixture
@@ -326,7 +344,7 @@ def fresh_dut(dut: DUT) -> DUT:
     return dut
 
 
-DEVICE_FIXTURES = {"dut", "fresh_dut", "dut_factory"}
+DEVICE_FIXTURES = {"dut", "fresh_dut", "dut_factory", "lab_network"}
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

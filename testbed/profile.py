@@ -54,6 +54,10 @@ class Timeouts(_Strict):
     rollback: float = 420.0
     # From SSH ready on an updated root until its health check committed the update.
     health_commit: float = 180.0
+    lab_services: float = 20.0  # the farm's dnsmasq and chronyd answering on the lab network
+    lab_address: float = 60.0  # the device's lab NIC holding an address from the farm's DHCP
+    ntp_sync: float = 120.0  # the device's chrony selecting the farm's NTP server (^*)
+    mdns_answer: float = 10.0  # <hostname>.local answered over mDNS on the lab network
 
 
 class ConsoleSettings(_Strict):

@@ -162,6 +162,26 @@ DEFECTS = {
         # A good image is back on its old root in about two boots; this one never is.
         profile={"rollback": 200},
     ),
+    # Three defects of the farm checks on one image, to keep the boots few: each check must name
+    # its own defect, and the lab check none of them touches (address, default route) must pass.
+    "dns-ntp-ignored-avahi-in-production": Defect(
+        edits=[
+            root_file(CONFIG_JSON_SCRIPT, "printf 'server=%s\\n' \"${server}\"", ': "${server}"'),
+            root_file(CONFIG_JSON_SCRIPT, "printf 'server %s iburst\\n' \"${server}\"", ': "${server}"'),
+            root_file(
+                CONFIG_JSON_SCRIPT,
+                'if [ "${mode}" = development ]; then',
+                'systemctl start --no-block avahi-daemon.service\nif [ "${mode}" = development ]; then',
+            ),
+        ],
+        run=["suites/network", "--mode", "production", "-k", "farm or chrony"],
+        fails={
+            "test_farm_dns_name_resolves_through_the_devices_dnsmasq": "config.json dnsServers",
+            "test_chrony_synchronises_with_the_farm_ntp_server": "config.json ntpServers",
+            "test_hostname_answers_over_mdns_from_the_farm_in_development_mode": "production mode must not announce",
+        },
+        profile={"ntp_sync": 20},
+    ),
     "state-path-not-bind-mounted": Defect(
         edits=[root_file("/etc/state-binds", "/var/lib/chrony\n", "")],
         run=["suites/rootfs", "-k", "bind_mounts or read_only"],

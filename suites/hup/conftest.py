@@ -103,10 +103,8 @@ class Hup:
 
 
 @pytest.fixture(scope="session")
-def hup(dut_factory: Callable[..., DUT], hup_bundle: Path, testbed_state) -> Hup:
+def hup(dut_factory: Callable[..., DUT], hup_bundle: Path) -> Hup:
     device = dut_factory("hup", media={"bundle": hup_bundle})
-    if not testbed_state.facts:
-        testbed_state.facts = device.facts()
     state = Hup(device, hup_bundle)
     device.run(f"printf {shlex.quote(HEALTH_VARIABLES)} > {STATE}/rollback-health-variables && sync", check=True)
     state.old_root = device.running_root()

@@ -1,10 +1,19 @@
 """Networking: NetworkManager with an address and a default route, connection files from the boot
-partition, link loss and recovery, and the device's name over mDNS in development mode."""
+partition, link loss and recovery, and the farm's own services on the lab network: DNS through
+the device's dnsmasq, NTP through its chrony, and the device's name over mDNS asked from the farm.
+
+The farm's services run in a private network namespace (testbed/lab/network.py); the
+``configured`` device has a second NIC there and config.json dnsServers/ntpServers naming them.
+"""
 
 from __future__ import annotations
 
-from suites.conftest import CONNECTION_NAME, Configured
+import re
+
+from suites.conftest import CONFIGURED, CONNECTION_NAME, Configured
 from testbed.dut import DUT
+from testbed.errors import DutError
+from testbed.lab import network as lab
 from testbed.util import wait_until
 
 
@@ -57,16 +66,103 @@ def test_link_down_and_up_recovers(fresh_dut: DUT) -> None:
     assert state == "connected", f"after the link came back NetworkManager says {state!r}"
 
 
-def test_hostname_is_announced_over_mdns_in_development_mode(dut: DUT) -> None:
+def _lab_address(dut: DUT) -> str:
+    """The device's IPv4 address on the lab network, waiting for the farm's DHCP to give one."""
+
+    def address() -> str:
+        out = dut.run(f"ip -4 -o addr show to {lab.SUBNET}").stdout
+        found = re.search(r"inet (\S+)/", out)
+        return found.group(1) if found else ""
+
+    def missing(message: str) -> Exception:
+        nm = dut.run("nmcli -t -f DEVICE,STATE,CONNECTION device").stdout.strip()
+        return DutError(f"{message}: no address in {lab.SUBNET} on the lab NIC; `nmcli device`: {nm!r}")
+
+    return wait_until(
+        address, dut.profile.timeouts.lab_address, "an address from the farm's DHCP", interval=0.5, on_timeout=missing
+    )
+
+
+def test_lab_nic_gets_a_farm_address_and_the_default_route_stays(configured: Configured) -> None:
+    dut, farm = configured.dut, configured.lab
+    address = _lab_address(dut)
+    routes = dut.run("ip -4 route show default").stdout.strip().splitlines()
+    lab_dev = dut.run(f"ip -4 -o addr show to {lab.SUBNET} | cut -d' ' -f2").stdout.strip()
+    dut.record_note("farm dnsmasq leases", farm.leases(), transport="farm")
+    assert len(routes) == 1 and lab_dev and f"dev {lab_dev} " not in routes[0] + " ", (
+        f"the lab NIC ({lab_dev}, {address}) must not take the default route, which stays on the user-mode NIC "
+        f"(the farm offers no router); `ip -4 route show default`: {routes}"
+    )
+
+
+def test_farm_dns_name_resolves_through_the_devices_dnsmasq(configured: Configured) -> None:
+    dut, farm = configured.dut, configured.lab
+    source = _lab_address(dut)
+    # getent follows /etc/resolv.conf, which names the device's own dnsmasq: the way a program resolves.
+    got = dut.run(f"getent ahostsv4 {lab.FARM_NAME}")
+    answers = sorted({line.split()[0] for line in got.stdout.splitlines() if line.strip()})
+    asked = farm.service_log("dnsmasq", grep=f"{lab.FARM_NAME} from {source}")
+    dut.record_note(f"farm dnsmasq log: queries for {lab.FARM_NAME} from {source}", asked, transport="farm")
+    if answers != [farm.farm_answer] or not asked:
+        servers = dut.run("cat /run/dnsmasq.servers; grep -h nameserver /etc/resolv.conf").stdout.strip()
+        raise AssertionError(
+            f"config.json dnsServers {CONFIGURED['dnsServers']!r}: {lab.FARM_NAME} must resolve through the "
+            f"device's dnsmasq to the farm's answer {farm.farm_answer}; `getent ahostsv4 {lab.FARM_NAME}` exited "
+            f"{got.exit_code} with {answers or (got.stdout + got.stderr).strip()!r}; the farm's DNS "
+            f"{'saw' if asked else 'never saw'} a query from the device ({source}); /run/dnsmasq.servers and "
+            f"resolv.conf: {servers!r}"
+        )
+
+
+def test_chrony_synchronises_with_the_farm_ntp_server(configured: Configured) -> None:
+    dut = configured.dut
+    _lab_address(dut)
+    selected = re.compile(rf"^\^\*\s+{re.escape(lab.FARM)}\s", re.MULTILINE)
+
+    def synchronised() -> bool:
+        return bool(selected.search(dut.run("chronyc -n sources").stdout))
+
+    def not_synchronised(message: str) -> Exception:
+        sources = dut.run("chronyc -n sources; chronyc -n tracking; cat /run/testbed/chrony/*.sources").stdout
+        return AssertionError(
+            f"config.json ntpServers {CONFIGURED['ntpServers']!r}: chrony must select the farm's NTP server "
+            f"{lab.FARM} (`^*`) ({message}); chrony's sources, tracking and config-json sources:\n{sources}"
+        )
+
+    wait_until(
+        synchronised,
+        dut.profile.timeouts.ntp_sync,
+        f"chrony to select {lab.FARM}",
+        interval=1,
+        max_interval=3,
+        on_timeout=not_synchronised,
+    )
+    tracking = dut.run("chronyc -n tracking").stdout
+    assert f"Stratum         : {lab.FARM_STRATUM + 1}" in tracking, (
+        f"synchronised to the farm (stratum {lab.FARM_STRATUM}), chrony must report stratum {lab.FARM_STRATUM + 1}; "
+        f"`chronyc -n tracking`:\n{tracking}"
+    )
+
+
+def test_hostname_answers_over_mdns_from_the_farm_in_development_mode(configured: Configured) -> None:
+    dut, farm = configured.dut, configured.lab
+    address = _lab_address(dut)
     name = dut.run("hostname", check=True).stdout.strip() + ".local"
-    active = dut.run("systemctl is-active avahi-daemon").stdout.strip()
-    resolved = dut.run(
-        f"busctl -- call org.freedesktop.Avahi / org.freedesktop.Avahi.Server ResolveHostName iisiu -1 0 {name} 0 0"
+    avahi = dut.run("systemctl is-active avahi-daemon").stdout.strip()
+    timeout = dut.profile.timeouts.mdns_answer
+    answers = farm.mdns_resolve(name, timeout)
+    journal = dut.run("journalctl -u avahi-daemon --no-pager -n 12 -o cat").stdout.strip()
+    dut.record_note(
+        f"mDNS query for {name} from the farm ({lab.FARM}) to 224.0.0.251:5353", f"answers: {answers}", transport="farm"
     )
     if dut.development_mode:
-        assert active == "active" and resolved.exit_code == 0, (
-            f"development mode must announce {name} over mDNS: avahi-daemon is {active}; "
-            f"resolving {name} through avahi gave: {(resolved.stdout + resolved.stderr).strip()}"
+        assert answers == [address], (
+            f"development mode must announce {name} over mDNS on the device's networks: asked from the farm, "
+            f"expected {address} (the device's lab address), got {answers or f'no answer within {timeout:g}s'}; "
+            f"avahi-daemon is {avahi}; its last log lines:\n{journal}"
         )
     else:
-        assert active != "active", f"production mode must not announce {name}: avahi-daemon is {active}"
+        assert not answers and avahi != "active", (
+            f"production mode must not announce {name} over mDNS: the farm got {answers}; avahi-daemon is {avahi}; "
+            f"its last log lines:\n{journal}"
+        )

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -34,6 +34,16 @@ class Forward:
     name: str
     guest_port: int
     host_port: int
+
+
+class TapNic(Protocol):
+    """A second NIC on a tap device the farm opened (the lab network); QEMU gets its descriptor."""
+
+    @property
+    def fd(self) -> int: ...
+
+    @property
+    def mac(self) -> str: ...
 
 
 def _qemu_img(*args: str) -> None:
@@ -192,7 +202,14 @@ class QemuMachine:
 
     kind = "qemu"
 
-    def __init__(self, profile: Profile, image: Path, console_log: ConsoleLog, image_format: str = "raw") -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        image: Path,
+        console_log: ConsoleLog,
+        image_format: str = "raw",
+        lab_nics: list[TapNic] | None = None,
+    ) -> None:
         if profile.qemu is None:
             raise ConfigError(f"{profile.source}: a QEMU device needs a 'qemu:' section")
         self.profile = profile
@@ -210,6 +227,9 @@ class QemuMachine:
         # Read-only disks plugged in from power-on (an update bundle, like a USB stick), by
         # name; the guest sees /dev/disk/by-id/virtio-tb-<name>.
         self.media: dict[str, Path] = {}
+        # NICs after net0 (the user-mode NIC that carries SSH and the engine), on taps whose
+        # descriptors stay open in testbed across power cycles.
+        self.lab_nics = list(lab_nics or [])
         self.proc: OwnedProcess | None = None
         self.qmp: Qmp | None = None
         self.console: Console | None = None
@@ -253,6 +273,7 @@ class QemuMachine:
             *self._media_args(),
             "-netdev", f"user,id=net0,{hostfwd}",
             "-device", f"{s.nic},netdev=net0",
+            *self._lab_nic_args(),
             "-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=ser0,fd={serial_fd},server=on,wait=off",
@@ -273,6 +294,14 @@ class QemuMachine:
         """The guest's path of the medium ``name`` (see ``media``)."""
         return f"/dev/disk/by-id/virtio-tb-{name}"
 
+    def _lab_nic_args(self) -> list[str]:
+        args: list[str] = []
+        for index, nic in enumerate(self.lab_nics):
+            netdev = f"lab{index}"
+            args += ["-netdev", f"tap,id={netdev},fd={nic.fd}"]
+            args += ["-device", f"{self.settings.nic},netdev={netdev},mac={nic.mac}"]
+        return args
+
     # -- power -------------------------------------------------------------------------
     def power_on(self) -> Console:
         """Start QEMU and the guest; return the console, already being drained."""
@@ -284,7 +313,7 @@ class QemuMachine:
         try:
             self.proc = OwnedProcess(
                 self.argv(qmp_l.fileno(), ser_l.fileno()),
-                pass_fds=[qmp_l.fileno(), ser_l.fileno()],
+                pass_fds=[qmp_l.fileno(), ser_l.fileno(), *(nic.fd for nic in self.lab_nics)],
                 stderr_path=self.workdir / "qemu.stderr",
             )
             qs = socket.socket(socket.AF_UNIX)
