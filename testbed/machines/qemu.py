@@ -191,6 +191,7 @@ class QemuMachine:
     """
 
     kind = "qemu"
+    snapshots = True
 
     def __init__(self, profile: Profile, image: Path, console_log: ConsoleLog, image_format: str = "raw") -> None:
         if profile.qemu is None:
@@ -227,6 +228,10 @@ class QemuMachine:
 
     def host_port(self, name: str) -> int:
         return self.forwards[name].host_port
+
+    def endpoint(self, name: str, hostname: str | None = None) -> tuple[str, int]:
+        """Where this host reaches a guest service: a loopback port forward (``hostname`` is not needed)."""
+        return "127.0.0.1", self.forwards[name].host_port
 
     def argv(self, qmp_fd: int, serial_fd: int) -> list[str]:
         s = self.settings

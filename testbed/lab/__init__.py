@@ -1,0 +1,1 @@
+"""Sharing lab hardware between runs: locks on boards (``lock``)."""
