@@ -152,7 +152,7 @@ class SerialTransport:
                     if waiting:
                         data += self.port.read(min(waiting, size - 1))
                     return bytes(data)
-            except self._serial_errors as exc:
+            except Exception as exc:  # noqa: BLE001 - pyserial raises odd types on a port closed under a read
                 if not self._closing:
                     self.error = f"serial adapter {self.url} failed while reading ({exc}): unplugged or gone"
                 return b""
@@ -396,7 +396,10 @@ class Console:
         if self.closed:
             why = self.closed_reason or "the machine is off or the adapter went away"
             raise InfraError(f"{self.name} is closed ({why}); last console lines:\n{self.tail()}")
-        self.transport.write(data)
+        try:
+            self.transport.write(data)
+        except InfraError as exc:
+            raise InfraError(f"{exc}; last console lines:\n{self.tail()}") from None
 
     # -- waiting -----------------------------------------------------------------------
     def expect(
