@@ -385,6 +385,10 @@ class Console:
         if self._fault is not None:
             raise DutError(f"{self._fault}\nlast console lines:\n{self.tail()}")
 
+    def lines(self) -> list[str]:
+        """The complete lines read so far (the last 200)."""
+        return list(self._tail)
+
     def tail(self, lines: int = 25) -> str:
         out = list(self._tail)[-lines:]
         partial = self.log.partial()

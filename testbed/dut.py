@@ -243,10 +243,16 @@ class DUT:
         """Power on and wait until SSH answers; the boot is recorded with its timings."""
         self.prepare_disk()
         console = self.machine.power_on()
-        console.watchers.append(self._watch_console)
-        self.state = "booting"
+        record = BootRecord(kind=kind, started=self.machine.powered_on_at)
+        self.boots.append(record)
         self._stage("power on", 0.0, self.machine.accel)
-        return self._wait_boot(kind, self.machine.powered_on_at)
+        console.watchers.append(self._watch_console)
+        # What the console showed before the watcher was attached (a board's firmware speaks
+        # at once); a line seen twice changes nothing.
+        for line in console.lines():
+            self._watch_console(line)
+        self.state = "booting"
+        return self._wait_boot(kind, self.machine.powered_on_at, record)
 
     def _watch_console(self, line: str) -> None:
         """Runs on the console reader thread: note when this boot showed firmware, kernel and a login."""
@@ -264,9 +270,10 @@ class DUT:
             record.login_prompt_s = now
             self._stage("login", now, line.strip()[:80])
 
-    def _wait_boot(self, kind: str, started: float) -> BootRecord:
-        record = BootRecord(kind=kind, started=started)
-        self.boots.append(record)
+    def _wait_boot(self, kind: str, started: float, record: BootRecord | None = None) -> BootRecord:
+        if record is None:
+            record = BootRecord(kind=kind, started=started)
+            self.boots.append(record)
         try:
             self.ssh.wait_ready(self.profile.timeouts.boot_to_ssh, abort=self._abort_if_dead)
         except DutError as exc:
