@@ -67,7 +67,9 @@ def smoke(args: argparse.Namespace, extra: list[str]) -> int:
     """Run the smoke suite on one device, boot stages live, then a one-paragraph verdict."""
     report_dir = Path(args.report_dir)
     before = set(report_dir.glob("*/*/report.json"))
-    argv = [sys.executable, "-m", "pytest", str(SUITES / "smoke"), "-p", "no:cacheprovider", "-q", "--boot-stages"]
+    # -s: pytest's output capture would hold the boot stages back until a test ends.
+    argv = [sys.executable, "-m", "pytest", str(SUITES / "smoke"), "-p", "no:cacheprovider", "-q", "-s"]
+    argv += ["--boot-stages"]
     argv += ["--device", args.device, "--report-dir", str(report_dir)]
     for option in ("image", "mode", "serial", "relay", "flash_to", "ssh_host", "lock_wait"):
         value = getattr(args, option)
