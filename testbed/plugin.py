@@ -308,6 +308,10 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
     closed at the end of the session. For checks of what an image does with a config
     given before its first boot.
     """
+    board = device_profile.board
+    if device_profile.kind == "board" and board is not None and board.bench != "virtual":
+        # One board, held by the session's `dut`: a second device needs a second board.
+        pytest.skip(f"{device_profile.name}: booting a second device needs a second board (QEMU and the virtual bench)")
     made: list[DUT] = []
     mode = testbed_state.config.getoption("--mode")
 
