@@ -21,6 +21,7 @@ hardware and held until ``close()``; the port is also opened exclusively.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -130,11 +131,15 @@ class BoardMachine:
         raw = self.workdir / "flash.img"
         t0 = time.monotonic()
         self._event("flash", f"writing the image to {self._flash_target()}")
+        _qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(self.overlay), str(raw))
+        # Unlinked before the long write, read through /proc/self/fd: a killed run leaves no
+        # image-sized file behind.
+        fd = os.open(raw, os.O_RDONLY | os.O_CLOEXEC)
+        raw.unlink()
         try:
-            _qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(self.overlay), str(raw))
-            result = self.flasher.flash(raw)
+            result = self.flasher.flash(Path(f"/proc/self/fd/{fd}"))
         finally:
-            raw.unlink(missing_ok=True)
+            os.close(fd)
         self.flash_result = result
         self.flashed = True
         detail = (
