@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tty
@@ -423,7 +422,7 @@ def test_smoke_command_on_the_virtual_board_with_power_cut_and_serial_faults(tmp
     assert report["facts"]["machine"] == "board" and report["facts"]["flash"]["verified"] is True
     # Everything the bench made is gone: QEMU, the loop device, its private directory.
     bench_dir = str(Path(report["facts"]["serial"]).parent)
-    assert bench_dir.startswith(tempfile.gettempdir()) and not Path(bench_dir).exists()
+    assert "testbed-bench-" in bench_dir and not Path(bench_dir).exists()
     assert bench_dir not in _attached_loops()
     assert "testbed-bench-virtual-board" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     print(out)  # the smoke command's own output, for -rP or -s
