@@ -101,10 +101,14 @@ def smoke(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"\nsmoke {args.device}: {data['result'].upper()}")
     print(f"  boot: {stages or 'did not boot'}")
     print(f"  checks: {c['passed']} passed, {c['failed']} failed, {c['error']} infra errors, {c['skipped']} skipped")
+    problems: dict[str, list[str]] = {}
     for test in data["tests"]:
         if test["outcome"] in ("failed", "error"):
             first = (test.get("message") or "").strip().splitlines()[:1]
-            print(f"  {test['outcome'].upper()} {test['nodeid']}: {first[0] if first else ''}")
+            key = f"{test['outcome'].upper()}: {first[0] if first else '(no message)'}"
+            problems.setdefault(key, []).append(test["nodeid"].split("::")[-1])
+    for message, names in problems.items():
+        print(f"  {message}\n    in {', '.join(names)}")
     print(f"  report: {report.parent / 'report.html'}")
     return code
 
