@@ -154,6 +154,10 @@ def probe_guest(profile: Profile, accel: str, cpu: str, timeout: float) -> tuple
             qs.connect(str(work / "qmp.sock"))
             ss = socket.socket(socket.AF_UNIX)
             ss.connect(str(work / "serial.sock"))
+            # Only QEMU may hold the listening sockets now: if it dies before accepting, the
+            # queued connections are reset and the QMP greeting wait ends (it has no timeout).
+            qmp_l.close()
+            ser_l.close()
             try:
                 qmp = Qmp(qs, timeout)
             except Exception as exc:  # noqa: BLE001 - any failure here means KVM is unusable.
