@@ -426,3 +426,17 @@ def test_smoke_command_on_the_virtual_board_with_power_cut_and_serial_faults(tmp
     assert bench_dir not in _attached_loops()
     assert "testbed-bench-virtual-board" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     print(out)  # the smoke command's own output, for -rP or -s
+
+
+def test_the_accelerator_probe_returns_when_qemu_dies_before_answering() -> None:
+    """The virtual bench probes KVM as QEMU does; a QEMU gone before its QMP greeting must not hang it."""
+    from testbed.machines.qemu import probe_guest
+
+    _bench_tools()
+    profile = load_profile("virtual-board")
+    assert profile.qemu is not None
+    dying = profile.model_copy(update={"qemu": profile.qemu.model_copy(update={"binary": "false"})})
+    t0 = time.monotonic()
+    ok, why = probe_guest(dying, "kvm", "host", 8)
+    assert not ok and "did not start" in why
+    assert time.monotonic() - t0 < 8
