@@ -440,3 +440,32 @@ def test_the_accelerator_probe_returns_when_qemu_dies_before_answering() -> None
     ok, why = probe_guest(dying, "kvm", "host", 8)
     assert not ok and "did not start" in why
     assert time.monotonic() - t0 < 8
+
+
+def test_nothing_of_the_bench_outlives_a_killed_pytest(tmp_path: Path) -> None:
+    """kill -9 of a run on the virtual bench: its QEMU dies with it and its loop device is detached."""
+    _bench_tools()
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "suites/smoke", "--device", "virtual-board",
+         "--report-dir", str(tmp_path / "r")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TESTBED_RUNTIME_DIR": str(runtime), "TESTBED_LOCK_DIR": str(tmp_path / "locks")},
+    )  # fmt: skip
+
+    def bench_qemu() -> list[str]:
+        out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        return [line.split()[0] for line in out.splitlines() if "qemu-system" in line and str(runtime) in line]
+
+    try:
+        # QEMU starts once the image is flashed and the relay switched on.
+        wait_until(bench_qemu, 300, "the bench's QEMU to start under pytest")
+        assert str(runtime) in _attached_loops()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        wait_until(lambda: not bench_qemu(), 15, "QEMU to exit after its pytest was killed")
+        wait_until(lambda: str(runtime) not in _attached_loops(), 15, "the loop device to be detached")
+    finally:
+        proc.kill()
+        proc.wait()
