@@ -51,7 +51,7 @@ class BoardMachine:
     """One board on a desk or in a rack (or on the virtual bench, with the same code).
 
     ``events(stage, detail)`` (optional) hears about the steps before the console speaks:
-    "lock", "flash", "power on".
+    "flash", "flashed", "power on".
     """
 
     kind = "board"
@@ -95,7 +95,6 @@ class BoardMachine:
             assert self.settings.serial is not None and self.settings.power is not None
             self.serial = self.settings.serial
             self.lock = DeviceLock(self.serial.url, what=f"board {profile.name} (serial {self.serial.url})")
-            self._event("lock", f"waiting up to {self.settings.lock_wait:g}s for {self.lock.path}")
             self.lock.acquire(self.settings.lock_wait)
             self.power = make_power(self.settings.power)
             self.flasher = make_flasher(self.settings.flash) if self.settings.flash else None
