@@ -51,7 +51,7 @@ class BoardMachine:
     """One board on a desk or in a rack (or on the virtual bench, with the same code).
 
     ``events(stage, detail)`` (optional) hears about the steps before the console speaks:
-    "flash", "flashed", "power on".
+    "flash", "flashed" (the DUT reports power on and what follows).
     """
 
     kind = "board"
@@ -168,7 +168,6 @@ class BoardMachine:
         console = self._open_console()
         self.console_log.mark(f"power on ({self.accel})")
         self.powered_on_at = time.monotonic()
-        self._event("power on", f"{self.settings.power.get('driver') if self.settings.power else ''}")
         try:
             self.power.on()
         except InfraError as exc:
