@@ -183,8 +183,7 @@ class DUT:
         serial getty is promised (development mode): the device's fault (DutError).
         """
         # Boards only: QEMU's own faults show as QEMU dying, and an image may keep its kernel
-        # off the serial console. Not after a reboot: its record starts once the restart
-        # showed, so its firmware and kernel lines may be counted before it.
+        # off the serial console. Not after a reboot: the shutdown's own time counts there.
         if self.machine.kind != "board":
             return
         if not self.boots or self.boots[-1].kind not in ("cold", "power-cycle", "reflash"):
@@ -304,11 +303,14 @@ class DUT:
         self.ssh.run("systemd-run --on-active=1 --no-block systemctl reboot", 30)
         self.ssh.close()
         t0 = time.monotonic()
+        # Recorded from here, so the new boot's firmware and kernel lines count for it.
+        record = BootRecord(kind="reboot", started=t0)
+        self.boots.append(record)
         # The firmware starting again is the sign the old boot is over.
         console.expect(
             r"reboot: Restarting system|BdsDxe|Linux version", self.profile.timeouts.shutdown, "the device to restart"
         )
-        record = self._wait_boot("reboot", t0)
+        record = self._wait_boot("reboot", t0, record)
         after = self.boot_id()
         if after == before:
             raise DutError(f"{self.name} did not reboot: boot_id is still {after}")
