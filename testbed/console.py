@@ -142,6 +142,11 @@ class SerialTransport:
                 "for 'permission denied' add the user to the dialout group"
             )
             raise InfraError(f"cannot open serial console {url}: {exc}; {hint}") from None
+        try:
+            # Bytes left from before this open (a previous boot's prompt) belong to no one now.
+            self.port.reset_input_buffer()
+        except (serial.SerialException, OSError):
+            pass
 
     def read(self, size: int) -> bytes:
         while not self._closing:
