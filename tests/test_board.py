@@ -424,7 +424,7 @@ def test_smoke_command_on_the_virtual_board_with_power_cut_and_serial_faults(tmp
     bench_dir = str(Path(report["facts"]["serial"]).parent)
     assert "testbed-bench-" in bench_dir and not Path(bench_dir).exists()
     assert bench_dir not in _attached_loops()
-    assert bench_dir not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert bench_dir not in subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     print(out)  # the smoke command's own output, for -rP or -s
 
 
@@ -455,7 +455,7 @@ def test_nothing_of_the_bench_outlives_a_killed_pytest(tmp_path: Path) -> None:
     )  # fmt: skip
 
     def bench_qemu() -> list[str]:
-        out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
         return [line.split()[0] for line in out.splitlines() if "qemu-system" in line and str(runtime) in line]
 
     try:
