@@ -456,7 +456,8 @@ def test_nothing_of_the_bench_outlives_a_killed_pytest(tmp_path: Path) -> None:
 
     def bench_qemu() -> list[str]:
         out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
-        return [line.split()[0] for line in out.splitlines() if "qemu-system" in line and str(runtime) in line]
+        # The bench's QEMU, not the accelerator probe's (which also runs in the runtime directory).
+        return [line.split()[0] for line in out.splitlines() if "testbed-bench-" in line and str(runtime) in line]
 
     try:
         # QEMU starts once the image is flashed and the relay switched on.
