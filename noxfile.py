@@ -32,6 +32,20 @@ def certify(session: nox.Session) -> None:
 
 
 @nox.session
+def smoke(session: nox.Session) -> None:
+    """The smoke suite on one device with boot stages live; default: the virtual bench (no hardware).
+
+    A board on the desk: `./run smoke -- --device raspberrypi4-64 --serial /dev/ttyUSB0
+    --relay serial-relay:/dev/ttyUSB1:1 --flash-to /dev/sdX` (see `python -m testbed smoke -h`).
+    """
+    _install(session, "-e", ".", "zstandard", "hidapi", "usbsdmux")
+    args = list(session.posargs)
+    if not any(a == "--device" or a.startswith("--device=") for a in args):
+        args = ["--device", "virtual-board", *args]
+    session.run("python", "-m", "testbed", "smoke", *args)
+
+
+@nox.session
 def image(session: nox.Session) -> None:
     """Build (or find in the cache) the reference image and print its path."""
     _install(session)

@@ -1,15 +1,21 @@
-"""``python -m testbed certify``: certify an image on a device in each mode, one report per mode.
+"""``python -m testbed certify|smoke``: certify an image on a device, or smoke-test a board on the desk.
 
-Runs the suites with pytest once per mode (development, then production), each in its own
-process and report directory, then prints one verdict line per mode. Exit code: 0 when
-every mode passed, 1 when the device failed a check in any mode, 75 when only lab faults
-stood in the way, 4 for bad input.
+``certify`` runs the suites with pytest once per mode (development, then production),
+each in its own process and report directory, then prints one verdict line per mode.
+Exit code: 0 when every mode passed, 1 when the device failed a check in any mode, 75
+when only lab faults stood in the way, 4 for bad input.
+
+``smoke`` runs ``suites/smoke`` on one device, with a board's ports given on the command
+line (``--serial``, ``--relay``, ``--flash-to``, ``--ssh-host``) instead of edited into
+the profile, prints the boot stages as they happen and ends with a short verdict. Same
+exit codes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +63,56 @@ def certify(args: argparse.Namespace, extra: list[str]) -> int:
     return EXIT_INFRA if EXIT_INFRA in codes else EXIT_PASSED
 
 
+def smoke(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run the smoke suite on one device, boot stages live, then a one-paragraph verdict."""
+    report_dir = Path(args.report_dir)
+    before = set(report_dir.glob("*/*/report.json"))
+    # -s: pytest's output capture would hold the boot stages back until a test ends.
+    argv = [sys.executable, "-m", "pytest", str(SUITES / "smoke"), "-p", "no:cacheprovider", "-q", "-s"]
+    argv += ["--boot-stages"]
+    argv += ["--device", args.device, "--report-dir", str(report_dir)]
+    for option in ("image", "mode", "serial", "relay", "flash_to", "ssh_host", "lock_wait"):
+        value = getattr(args, option)
+        if value is not None:
+            argv += [f"--{option.replace('_', '-')}", str(value)]
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    print(f"==> smoke {args.device}: {' '.join(argv[3:] + extra)}", flush=True)
+    # Unbuffered, so the boot stages show as they happen even through a pipe.
+    code = subprocess.call(argv + extra, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    report = _latest_report(report_dir, before)
+    if report is None:
+        print(f"\nsmoke {args.device}: no report (pytest exit {code})")
+        return code if code else EXIT_INFRA
+    data = json.loads(report.read_text())
+    c = data["counts"]
+    boots = data.get("timings", {}).get("boots", [])
+    cold = next((b for b in boots if b.get("kind") == "cold"), boots[0] if boots else {})
+    stages = ", ".join(
+        f"{name} {cold[key]:.1f}s"
+        for name, key in (
+            ("firmware", "firmware_s"),
+            ("kernel", "kernel_s"),
+            ("login", "login_prompt_s"),
+            ("SSH", "ssh_ready_s"),
+        )
+        if cold.get(key) is not None
+    )
+    print(f"\nsmoke {args.device}: {data['result'].upper()}")
+    print(f"  boot: {stages or 'did not boot'}")
+    print(f"  checks: {c['passed']} passed, {c['failed']} failed, {c['error']} infra errors, {c['skipped']} skipped")
+    problems: dict[str, list[str]] = {}
+    for test in data["tests"]:
+        if test["outcome"] in ("failed", "error"):
+            first = (test.get("message") or "").strip().splitlines()[:1]
+            key = f"{test['outcome'].upper()}: {first[0] if first else '(no message)'}"
+            problems.setdefault(key, []).append(test["nodeid"].split("::")[-1])
+    for message, names in problems.items():
+        print(f"  {message}\n    in {', '.join(names)}")
+    print(f"  report: {report.parent / 'report.html'}")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,7 +121,24 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--image", default=None, help="default: the reference image, built on demand")
     c.add_argument("--modes", default="development,production")
     c.add_argument("--report-dir", default="reports")
+    sm = sub.add_parser(
+        "smoke",
+        help="run the smoke suite on one device (a board on the desk), boot stages live",
+        description="Run suites/smoke on one device. Board ports given here override the profile for this run; "
+        "options after -- go to pytest.",
+    )
+    sm.add_argument("--device", default="qemu-x86_64", help="profile name or YAML path (e.g. raspberrypi4-64)")
+    sm.add_argument("--image", default=None, help="default: the reference image, built on demand")
+    sm.add_argument("--mode", choices=["development", "production"], default=None)
+    sm.add_argument("--serial", default=None, help="serial console: /dev/ttyUSB0[@115200], rfc2217://host:port, ...")
+    sm.add_argument("--relay", default=None, help="power: serial-relay:/dev/ttyUSB1:1, hid-relay:1, manual, ...")
+    sm.add_argument("--flash-to", default=None, help="block device to write the image to, usbsdmux:/dev/sgN, or none")
+    sm.add_argument("--ssh-host", default=None, help="the board's address HOST[:PORT] (default <hostname>.local)")
+    sm.add_argument("--lock-wait", type=float, default=None, help="seconds to wait if another run holds the board")
+    sm.add_argument("--report-dir", default="reports")
     args, extra = parser.parse_known_args(argv)
+    if args.command == "smoke":
+        return smoke(args, extra)
     return certify(args, extra)
 
 

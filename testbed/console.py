@@ -26,7 +26,7 @@ from typing import IO, Protocol
 import pexpect
 from pexpect.spawnbase import SpawnBase
 
-from testbed.errors import DutError, InfraError
+from testbed.errors import ConfigError, DutError, InfraError
 
 PANIC_PATTERNS = (
     re.compile(rb"Kernel panic - not syncing[^\r\n]*"),
@@ -103,6 +103,85 @@ class FdTransport:
                 os.close(fd)
             except OSError:
                 pass
+
+
+class SerialTransport:
+    """A serial port opened with pyserial: a local tty, ``/dev/serial/by-id/...``, ``rfc2217://`` or ``socket://``.
+
+    The port is locked exclusively where the platform allows (a second opener of a local
+    tty fails at once). If the port fails while reading (a USB adapter pulled out, a
+    serial server gone) ``read`` returns end of stream and ``error`` says what happened;
+    a failed write raises InfraError.
+    """
+
+    # A read returns at least this often, so close() is seen even on transports without cancel_read().
+    POLL_S = 0.5
+
+    def __init__(self, url: str, baudrate: int) -> None:
+        import serial  # pyserial; imported here so QEMU-only hosts do not load it
+
+        self.url = url
+        self.error: str = ""
+        self._closing = False
+        self._serial_errors: tuple[type[BaseException], ...] = (serial.SerialException, OSError)
+        try:
+            self.port = serial.serial_for_url(
+                url, baudrate=baudrate, timeout=self.POLL_S, write_timeout=5.0, exclusive=True
+            )
+        except ValueError as exc:
+            raise ConfigError(
+                f"serial console {url!r} is not a usable port or URL ({exc}); use a device such as "
+                "/dev/serial/by-id/usb-FTDI_...-if00-port0, or rfc2217://host:port, socket://host:port"
+            ) from None
+        except serial.SerialException as exc:
+            busy = "lock" in str(exc).lower()
+            hint = (
+                "another program holds the port (a terminal, another run): close it"
+                if busy
+                else "is the USB serial adapter plugged in? List adapters with 'ls -l /dev/serial/by-id/'; "
+                "for 'permission denied' add the user to the dialout group"
+            )
+            raise InfraError(f"cannot open serial console {url}: {exc}; {hint}") from None
+        try:
+            # Bytes left from before this open (a previous boot's prompt) belong to no one now.
+            self.port.reset_input_buffer()
+        except (serial.SerialException, OSError):
+            pass
+
+    def read(self, size: int) -> bytes:
+        while not self._closing:
+            try:
+                data = self.port.read(1)
+                if data:
+                    waiting = self.port.in_waiting
+                    if waiting:
+                        data += self.port.read(min(waiting, size - 1))
+                    return bytes(data)
+            except Exception as exc:  # noqa: BLE001 - pyserial raises odd types on a port closed under a read
+                if not self._closing:
+                    self.error = f"serial adapter {self.url} failed while reading ({exc}): unplugged or gone"
+                return b""
+        return b""
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.port.write(data)
+        except self._serial_errors as exc:
+            self.error = self.error or f"serial adapter {self.url} failed while writing ({exc})"
+            raise InfraError(f"{self.error}: the USB serial adapter vanished or the serial server closed") from None
+
+    def close(self) -> None:
+        self._closing = True
+        cancel = getattr(self.port, "cancel_read", None)
+        if cancel is not None:
+            try:
+                cancel()
+            except self._serial_errors:
+                pass
+        try:
+            self.port.close()
+        except self._serial_errors:
+            pass
 
 
 @dataclass
@@ -268,6 +347,7 @@ class Console:
         self.log = log
         self.name = name
         self.closed = False
+        self.closed_reason = ""
         self.logged_in = False
         self._rx: queue.Queue[object] = queue.Queue()
         self._tail: collections.deque[str] = collections.deque(maxlen=200)
@@ -292,6 +372,7 @@ class Console:
                 for watcher in self.watchers:
                     watcher(line)
             self._watch(data)
+        self.closed_reason = getattr(self.transport, "error", "") or ""
         self.closed = True
         self._rx.put(_EOF)
 
@@ -314,6 +395,10 @@ class Console:
         if self._fault is not None:
             raise DutError(f"{self._fault}\nlast console lines:\n{self.tail()}")
 
+    def lines(self) -> list[str]:
+        """The complete lines read so far (the last 200)."""
+        return list(self._tail)
+
     def tail(self, lines: int = 25) -> str:
         out = list(self._tail)[-lines:]
         partial = self.log.partial()
@@ -323,8 +408,12 @@ class Console:
 
     def transport_write(self, data: bytes) -> None:
         if self.closed:
-            raise InfraError(f"{self.name} is closed (the machine is off or the adapter went away)")
-        self.transport.write(data)
+            why = self.closed_reason or "the machine is off or the adapter went away"
+            raise InfraError(f"{self.name} is closed ({why}); last console lines:\n{self.tail()}")
+        try:
+            self.transport.write(data)
+        except InfraError as exc:
+            raise InfraError(f"{exc}; last console lines:\n{self.tail()}") from None
 
     # -- waiting -----------------------------------------------------------------------
     def expect(
@@ -347,8 +436,9 @@ class Console:
                 f"timed out after {timeout:g}s waiting for {what} on {self.name}; last console lines:\n{self.tail()}"
             ) from None
         except pexpect.EOF:
+            why = f" ({self.closed_reason})" if self.closed_reason else ""
             raise InfraError(
-                f"{self.name} closed while waiting for {what}; last console lines:\n{self.tail()}"
+                f"{self.name} closed{why} while waiting for {what}; last console lines:\n{self.tail()}"
             ) from None
 
     def drain(self) -> None:

@@ -16,7 +16,8 @@ from typing import Any
 from testbed import image as img
 from testbed.console import CommandResult, Console, ConsoleLog, utcnow
 from testbed.errors import ConfigError, DutError, InfraError
-from testbed.machines.qemu import QemuMachine, TapNic
+from testbed.machines import make_machine
+from testbed.machines.qemu import TapNic
 from testbed.profile import Profile
 from testbed.ssh import METHODS, AuthRefused, SshClient, load_or_create_key
 from testbed.util import cache_dir
@@ -30,19 +31,28 @@ _RUNNING_ROOT = (
     "for a in $(cat /proc/cmdline); do case $a in root=LABEL=*) echo ${a#root=LABEL=}; exit;; esac; done;"
     ' lsblk -no PARTLABEL "$(findmnt -no SOURCE /)"'
 )
+StageListener = Callable[[str, float | None, str], None]
 
 
 @dataclass
 class BootRecord:
     """One boot of the device, as seen from testbed."""
 
-    kind: str  # cold | reboot | power-cycle | restore
+    kind: str  # cold | reboot | power-cycle | restore | reflash
     started: float
     ssh_ready_s: float | None = None
     login_prompt_s: float | None = None
+    firmware_s: float | None = None
+    kernel_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "ssh_ready_s": self.ssh_ready_s, "login_prompt_s": self.login_prompt_s}
+        return {
+            "kind": self.kind,
+            "ssh_ready_s": self.ssh_ready_s,
+            "login_prompt_s": self.login_prompt_s,
+            "firmware_s": self.firmware_s,
+            "kernel_s": self.kernel_s,
+        }
 
 
 @dataclass
@@ -133,15 +143,26 @@ class DUT:
     lab_nics: list[TapNic] = field(default_factory=list)  # NICs on the farm's lab network, after net0
     _snapshot_console_logged_in: dict[str, bool] = field(default_factory=dict)
     kernel_starts: int = 0  # kernel banners seen on the console, over all boots
+    stage_listener: StageListener | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or self.profile.name
         self.console_log = ConsoleLog(self.console_log_path)
         self.console_log.open()
-        self.machine = QemuMachine(self.profile, self.image, self.console_log, self.image_format, self.lab_nics)
-        self.machine.media.update(self.media)
+        self._firmware_re = re.compile(self.profile.console.firmware_pattern)
+        self._kernel_re = re.compile(self.profile.console.kernel_pattern)
+        try:
+            self.machine = make_machine(
+                self.profile, self.image, self.console_log, self.image_format, lab_nics=self.lab_nics, media=self.media
+            )
+        except BaseException:
+            self.console_log.close()
+            raise
+        if hasattr(self.machine, "events"):
+            self.machine.events = lambda stage, detail: self._stage(stage, None, detail)
         self.key = load_or_create_key(cache_dir() / "keys" / "id_ed25519")
-        self.ssh = SshClient("127.0.0.1", self.machine.host_port("ssh"), self.profile.ssh.user, self.key)
+        host, port = self._ssh_endpoint(required=False)
+        self.ssh = SshClient(host, port, self.profile.ssh.user, self.key)
         self.console = ConsoleAccess(self)
         self.power = Power(self)
 
@@ -150,11 +171,60 @@ class DUT:
         if self.sink is not None:
             self.sink(result.as_evidence())
 
+    def _stage(self, stage: str, seconds: float | None, detail: str = "") -> None:
+        if self.stage_listener is not None:
+            self.stage_listener(stage, seconds, detail)
+
+    def _ssh_endpoint(self, required: bool = True) -> tuple[str, int]:
+        try:
+            return self.endpoint("ssh")
+        except ConfigError:
+            if required:
+                raise
+            return "", self.profile.ssh.port
+
     # -- boot --------------------------------------------------------------------------
     def _abort_if_dead(self) -> None:
         self.machine.check_alive()
         if self.machine.console is not None:
             self.machine.console.check_fault()
+        self._check_stage_deadlines()
+
+    def _check_stage_deadlines(self) -> None:
+        """A boot that stalls before SSH fails at its named timeout, with the console tail.
+
+        No kernel by ``timeouts.boot_to_login``: the lab's fault (no power, serial wiring,
+        an unwritten card: InfraError). A kernel but no login prompt by then, where a
+        serial getty is promised (development mode): the device's fault (DutError).
+        """
+        # Boards only: QEMU's own faults show as QEMU dying, and an image may keep its kernel
+        # off the serial console. Not after a reboot: the shutdown's own time counts there.
+        if self.machine.kind != "board":
+            return
+        if not self.boots or self.boots[-1].kind not in ("cold", "power-cycle", "reflash"):
+            return
+        record = self.boots[-1]
+        limit = self.profile.timeouts.boot_to_login
+        if time.monotonic() - record.started < limit:
+            return
+        console = self.machine.console
+        tail = console.tail() if console is not None else ""
+        if record.kernel_s is None:
+            seen = (
+                f"the firmware started after {record.firmware_s:.1f}s but no kernel followed"
+                if record.firmware_s is not None
+                else "neither firmware nor kernel showed on the console"
+            )
+            raise InfraError(
+                f"{self.name} did not start a kernel within {limit:g}s of power on (timeouts.boot_to_login): {seen}. "
+                "Check the boot medium was written, the power and the serial wiring and baud rate; "
+                f"last console lines:\n{tail or '(nothing)'}"
+            )
+        if self.development_mode and record.login_prompt_s is None:
+            raise DutError(
+                f"{self.name} started its kernel after {record.kernel_s:.1f}s but showed no login prompt within "
+                f"{limit:g}s of power on (timeouts.boot_to_login); last console lines:\n{tail}"
+            )
 
     def prepare_disk(self) -> None:
         """Create the overlay and write the effective config.json into it (never into the image).
@@ -179,6 +249,8 @@ class DUT:
             layout = img.read_layout(self.machine.overlay)
             img.write_files_to_fat_in_overlay(self.machine.overlay, layout.by_label(boot_label), self.boot_files)
         self.config = config
+        # A board may be found by the hostname config.json gives it (<hostname>.local).
+        self.ssh.host, self.ssh.port = self._ssh_endpoint()
 
     @property
     def development_mode(self) -> bool:
@@ -192,29 +264,50 @@ class DUT:
         """
         self.prepare_disk()
         console = self.machine.power_on()
+        record = BootRecord(kind=kind, started=self.machine.powered_on_at)
+        self.boots.append(record)
+        self._stage("power on", 0.0, self.machine.accel)
         console.watchers.append(self._watch_console)
+        # What the console showed before the watcher was attached (a board's firmware speaks
+        # at once); a line seen twice changes nothing.
+        for line in console.lines():
+            self._watch_console(line, replay=True)
         self.state = "booting"
         if not wait:
             return None
-        return self._wait_boot(kind, self.machine.powered_on_at, **wait_options)
+        return self._wait_boot(kind, self.machine.powered_on_at, record, **wait_options)
 
-    def _watch_console(self, line: str) -> None:
-        """Runs on the console reader thread: count kernel starts, note when a boot offered a login."""
-        if KERNEL_BANNER.search(line):
+    def _watch_console(self, line: str, replay: bool = False) -> None:
+        """Runs on the console reader thread: count kernel starts; note when this boot showed
+        firmware, kernel and a login."""
+        if KERNEL_BANNER.search(line) and not replay:
             self.kernel_starts += 1
-        if self.boots and self.boots[-1].login_prompt_s is None and re.search(r"login: ?$", line):
-            self.boots[-1].login_prompt_s = round(time.monotonic() - self.boots[-1].started, 3)
+        if not self.boots:
+            return
+        record = self.boots[-1]
+        now = round(time.monotonic() - record.started, 3)
+        if record.firmware_s is None and record.kernel_s is None and self._firmware_re.search(line):
+            record.firmware_s = now
+            self._stage("firmware", now, line.strip()[:80])
+        if record.kernel_s is None and self._kernel_re.search(line):
+            record.kernel_s = now
+            self._stage("kernel", now, line.strip()[:80])
+        if record.login_prompt_s is None and re.search(r"login: ?$", line):
+            record.login_prompt_s = now
+            self._stage("login", now, line.strip()[:80])
 
     def _wait_boot(
         self,
         kind: str,
         started: float,
+        record: BootRecord | None = None,
         timeout: float | None = None,
         max_boots: int | None = None,
         tolerate_panics: bool = False,
     ) -> BootRecord:
-        record = BootRecord(kind=kind, started=started)
-        self.boots.append(record)
+        if record is None:
+            record = BootRecord(kind=kind, started=started)
+            self.boots.append(record)
         timeout = timeout or self.profile.timeouts.boot_to_ssh
         first_start = self.kernel_starts
 
@@ -239,6 +332,7 @@ class DUT:
             ) from None
         record.ssh_ready_s = round(time.monotonic() - started, 3)
         self.console_log.mark(f"ssh ready after {record.ssh_ready_s:.1f}s ({kind})")
+        self._stage("ssh ready", record.ssh_ready_s, f"{self.ssh.host}:{self.ssh.port}")
         self.state = "ssh-ready"
         return record
 
@@ -251,7 +345,7 @@ class DUT:
         once the kernel started more often than that (a boot loop); ``tolerate_panics`` lets
         kernel panics on the way pass (a root that is meant to fail).
         """
-        return self._wait_boot("wait", time.monotonic(), timeout, max_boots, tolerate_panics)
+        return self._wait_boot("wait", time.monotonic(), None, timeout, max_boots, tolerate_panics)
 
     def start_reboot(self) -> float:
         """Ask the OS to reboot and return once the old boot is over (not waiting for the new one)."""
@@ -262,6 +356,9 @@ class DUT:
         self.ssh.close()
         self.state = "booting"
         t0 = time.monotonic()
+        # Recorded from here, so the new boot's firmware and kernel lines count for it.
+        record = BootRecord(kind="reboot", started=t0)
+        self.boots.append(record)
         # The firmware starting again is the sign the old boot is over.
         console.expect(
             r"reboot: Restarting system|BdsDxe|Linux version", self.profile.timeouts.shutdown, "the device to restart"
@@ -274,11 +371,17 @@ class DUT:
         """Reboot through the OS and wait until SSH answers on the new boot (see :meth:`wait_ready`)."""
         before = self.boot_id()
         t0 = self.start_reboot()
-        record = self._wait_boot("reboot", t0, timeout, max_boots, tolerate_panics)
+        record = self._wait_boot("reboot", t0, self.boots[-1], timeout, max_boots, tolerate_panics)
         after = self.boot_id()
         if after == before:
             raise DutError(f"{self.name} did not reboot: boot_id is still {after}")
         return record
+
+    def reflash(self) -> BootRecord:
+        """A board's way back to its first boot: power off, write the image again, cold boot."""
+        self.power.cut()
+        self.machine.reflash()  # type: ignore[attr-defined]
+        return self.power_on(kind="reflash")
 
     def power_cycle(self) -> BootRecord:
         """Power cut, power on, wait for SSH."""
@@ -290,8 +393,15 @@ class DUT:
 
     # -- snapshots ---------------------------------------------------------------------
     def save_snapshot(self, name: str = "ready") -> float:
-        """Snapshot the running device (RAM, disk, firmware vars); return seconds taken."""
+        """Snapshot the running device (RAM, disk, firmware vars); return seconds taken.
+
+        A board has no snapshots: its "snapshot" is the image it was flashed with, and
+        ``restore`` flashes it again and cold-boots (see ``restore``).
+        """
         t0 = time.monotonic()
+        if not self.machine.snapshots:
+            self._snapshot_console_logged_in[name] = False
+            return 0.0
         self.ssh.close()
         self.machine.save_snapshot(name)
         console = self.machine.console
@@ -303,6 +413,8 @@ class DUT:
         """Return to a snapshot and wait until SSH answers again."""
         if name not in self._snapshot_console_logged_in:
             raise InfraError(f"no snapshot named {name!r} was taken on {self.name}")
+        if not self.machine.snapshots:
+            return self.reflash()
         if not self.machine.is_on():
             self.machine.power_on().watchers.append(self._watch_console)
         self.ssh.close()
@@ -395,7 +507,7 @@ class DUT:
 
     def endpoint(self, name: str) -> tuple[str, int]:
         """Where the farm reaches a device service ("ssh", "engine") from this host."""
-        return "127.0.0.1", self.machine.host_port(name)
+        return self.machine.endpoint(name, self.config.get("hostname"))
 
     def read_file(self, path: str) -> str:
         return self.run(f"cat {shlex.quote(path)}", check=True).stdout

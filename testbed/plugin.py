@@ -17,7 +17,7 @@ from testbed import report as rep
 from testbed.dut import DUT
 from testbed.errors import ConfigError, DutError, InfraError
 from testbed.lab.network import LabNetwork
-from testbed.profile import Profile, load_profile
+from testbed.profile import Profile, apply_board_overrides, load_profile
 
 DEFAULT_DEVICE = "qemu-x86_64"
 STATE_KEY = pytest.StashKey["TestbedState"]()
@@ -51,6 +51,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)"
     )
+    board = parser.getgroup("testbed-board", "testbed: real boards (override the profile's ports for this run)")
+    board.addoption("--serial", default=None, help="the board's serial console: PORT[@BAUD], rfc2217:// or socket://")
+    board.addoption(
+        "--relay", default=None, help="power switch: serial-relay:PORT:CHANNEL, hid-relay:[SERIAL:]CHANNEL, manual, ..."
+    )
+    board.addoption("--flash-to", default=None, help="block device to flash, usbsdmux:/dev/sgN, or none")
+    board.addoption("--ssh-host", default=None, help="the board's address: HOST[:PORT] (default <hostname>.local)")
+    board.addoption(
+        "--lock-wait", type=float, default=None, help="seconds to wait for a board another run holds (default 0)"
+    )
+    board.addoption("--boot-stages", action="store_true", help="print boot stages (power on, firmware, kernel, ...)")
 
 
 class TestbedState:
@@ -75,7 +86,15 @@ class TestbedState:
     # -- resolution (errors here are the user's to fix) ---------------------------------
     def resolve_profile(self) -> Profile:
         if self.profile is None:
-            self.profile = load_profile(self.device_name)
+            opt = self.config.getoption
+            self.profile = apply_board_overrides(
+                load_profile(self.device_name),
+                serial=opt("--serial"),
+                relay=opt("--relay"),
+                flash_to=opt("--flash-to"),
+                ssh_host=opt("--ssh-host"),
+                lock_wait=opt("--lock-wait"),
+            )
         return self.profile
 
     def resolve_image(self) -> Path:
@@ -93,6 +112,15 @@ class TestbedState:
                 self.image = reference.build(log=self._say)
                 self.image_format = "raw"
         return self.image
+
+    def say_stage(self, stage: str, seconds: float | None, detail: str) -> None:
+        """One boot stage as it happens (``--boot-stages``): ``testbed: [  5.3s] kernel  Linux version ...``."""
+        when = f"{seconds:6.1f}s" if seconds is not None else "       "
+        self._say(f"[{when}] {stage:9} {detail}".rstrip())
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        flush = getattr(tr, "flush", None)
+        if flush is not None:
+            flush()
 
     def _say(self, text: str) -> None:
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -173,7 +201,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STATE_KEY] = state
     # Explicit options are checked before anything runs: one line, no traceback.
     try:
-        if config.getoption("--device"):
+        if config.getoption("--device") or any(
+            config.getoption(o) is not None for o in ("--serial", "--relay", "--flash-to", "--ssh-host")
+        ):
             state.resolve_profile()
         if config.getoption("--image"):
             state.resolve_image()
@@ -263,6 +293,8 @@ def dut(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
     )
     testbed_state.dut = device
     device.sink = testbed_state.evidence
+    if testbed_state.config.getoption("--boot-stages"):
+        device.stage_listener = testbed_state.say_stage
     try:
         if device.machine.accel_note:
             testbed_state._say(f"{device.machine.accel_note}; using {device.machine.accel}")
@@ -288,6 +320,10 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
     second NIC on the farm's lab network); all are closed at the end of the session. For
     checks of what an image does with a config given before its first boot.
     """
+    board = device_profile.board
+    if device_profile.kind == "board" and board is not None and board.bench != "virtual":
+        # One board, held by the session's `dut`: a second device needs a second board.
+        pytest.skip(f"{device_profile.name}: booting a second device needs a second board (QEMU and the virtual bench)")
     made: list[DUT] = []
     mode = testbed_state.config.getoption("--mode")
 
@@ -339,7 +375,11 @@ def lab_network(device_profile: Profile) -> Iterator[LabNetwork]:
 
 @pytest.fixture
 def fresh_dut(dut: DUT) -> DUT:
-    """The device as it was right after its first boot (a snapshot restore, about a second)."""
+    """The device as it was right after its first boot.
+
+    On QEMU a snapshot restore (about a second). A board has no snapshots: it is flashed
+    again and cold-booted, the only honest way back to a first boot (minutes on an SD card).
+    """
     dut.restore("ready")
     return dut
 

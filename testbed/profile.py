@@ -64,11 +64,49 @@ class ConsoleSettings(_Strict):
     user: str = "root"
     login_prompt: str = r"login: ?$"
     baudrate: int = 115200
+    # Boot stages as the console shows them (regexes, searched line by line): the time of
+    # each is recorded for every boot and printed live by `python -m testbed smoke`.
+    firmware_pattern: str = r"BdsDxe|U-Boot|UEFI|EDK II|SeaBIOS|Raspberry Pi .*[Bb]ootloader|RPi: BOOT"
+    kernel_pattern: str = r"Linux version \d|Booting Linux"
 
 
 class SshSettings(_Strict):
     port: int = 22222
     user: str = "root"
+
+
+class SerialSettings(_Strict):
+    """The board's serial console: a local tty or a serial server URL (anything pyserial opens)."""
+
+    url: str = Field(description="/dev/ttyUSB0, /dev/serial/by-id/..., rfc2217://host:port or socket://host:port")
+    baudrate: int = Field(115200, gt=0)
+
+
+class BoardSshSettings(_Strict):
+    """Where the farm reaches the board's sshd. No host: ``<hostname>.local`` from config.json."""
+
+    host: str | None = None
+    port: int | None = Field(None, gt=0, lt=65536)
+
+
+class BoardSettings(_Strict):
+    """A real board: serial console, power switch, flasher, network address.
+
+    ``power`` and ``flash`` are driver specs checked by ``testbed.power.make_power`` and
+    ``testbed.flash.make_flasher`` (``{driver: serial-relay, port: ..., channel: 1}``).
+    Without ``flash`` the board boots whatever its storage already holds. ``bench:
+    virtual`` runs the reference path without hardware: QEMU behind a pty serial adapter,
+    an emulated serial relay and a loop block device (serial, power and flash are then
+    supplied by the bench).
+    """
+
+    bench: Literal["none", "virtual"] = "none"
+    serial: SerialSettings | None = None
+    power: dict[str, Any] | None = None
+    flash: dict[str, Any] | None = None
+    ssh: BoardSshSettings = BoardSshSettings()
+    lock_wait: float = Field(0.0, ge=0, description="seconds to wait for a board another run holds; 0: fail at once")
+    virtual_disk_mib: int = Field(4096, ge=64, description="size of the virtual bench's block device")
 
 
 class PartitionSpec(_Strict):
@@ -114,6 +152,7 @@ class Profile(_Strict):
     arch: Literal["x86_64", "aarch64"]
     kind: Literal["qemu", "board"] = "qemu"
     qemu: QemuSettings | None = None
+    board: BoardSettings | None = None
     console: ConsoleSettings = ConsoleSettings()
     ssh: SshSettings = SshSettings()
     timeouts: Timeouts = Timeouts()
@@ -129,6 +168,19 @@ class Profile(_Strict):
     def _machine_section(self) -> Profile:
         if self.kind == "qemu" and self.qemu is None:
             raise ValueError("a profile of kind 'qemu' needs a 'qemu:' section")
+        if self.kind == "board":
+            if self.board is None:
+                raise ValueError("a profile of kind 'board' needs a 'board:' section (serial, power, flash, ssh)")
+            if self.board.bench == "virtual":
+                if self.qemu is None:
+                    raise ValueError("board.bench 'virtual' runs the board on QEMU: add a 'qemu:' section")
+            else:
+                missing = [k for k in ("serial", "power") if getattr(self.board, k) is None]
+                if missing:
+                    raise ValueError(
+                        f"a board needs board.{' and board.'.join(missing)} "
+                        "(e.g. serial: {url: /dev/ttyUSB0}, power: {driver: serial-relay, port: /dev/ttyUSB1, channel: 1})"
+                    )
         return self
 
 
@@ -203,3 +255,105 @@ def load_profile(name_or_path: str, directory: Path = PROFILES_DIR) -> Profile:
     if profile.name != path.stem:
         raise ConfigError(f"{path}: 'name' is '{profile.name}' but the file is {path.name}; make them match")
     return profile
+
+
+def parse_power_option(text: str) -> dict[str, Any]:
+    """A ``--relay`` value as a power spec.
+
+    ``serial-relay:PORT:CHANNEL`` (PORT may be a URL: ``serial-relay:rfc2217://host:4001:2``),
+    ``hid-relay:CHANNEL`` or ``hid-relay:SERIAL:CHANNEL``, ``manual``, or for any driver
+    ``DRIVER:key=value,key=value`` (values parsed as YAML scalars).
+    """
+    driver, _, rest = text.partition(":")
+    usage = (
+        f"--relay {text!r}: write serial-relay:PORT:CHANNEL, hid-relay:[SERIAL:]CHANNEL, manual, "
+        "or DRIVER:key=value,key=value"
+    )
+    if not driver:
+        raise ConfigError(usage)
+    if not rest:
+        return {"driver": driver}
+    if "=" in rest and not rest.startswith(("/", "rfc2217://", "socket://")):
+        spec: dict[str, Any] = {"driver": driver}
+        for pair in rest.split(","):
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise ConfigError(usage)
+            spec[key.strip()] = yaml.safe_load(value)
+        return spec
+    head, _, last = rest.rpartition(":")
+    if not last.isdigit():
+        raise ConfigError(usage)
+    if driver == "serial-relay":
+        if not head:
+            raise ConfigError(usage)
+        return {"driver": driver, "port": head, "channel": int(last)}
+    if driver == "hid-relay":
+        return {"driver": driver, "channel": int(last), **({"serial": head} if head else {})}
+    raise ConfigError(usage)
+
+
+def parse_flash_option(text: str) -> dict[str, Any] | None:
+    """A ``--flash-to`` value as a flash spec: a block device, ``usbsdmux:SG``, or ``none`` (do not flash)."""
+    if text == "none":
+        return None
+    if text.startswith("usbsdmux:"):
+        return {"driver": "usbsdmux", "sg": text.removeprefix("usbsdmux:")}
+    return {"driver": "blockdev", "device": text}
+
+
+def apply_board_overrides(
+    profile: Profile,
+    *,
+    serial: str | None = None,
+    relay: str | None = None,
+    flash_to: str | None = None,
+    ssh_host: str | None = None,
+    lock_wait: float | None = None,
+) -> Profile:
+    """The profile with a board's ports replaced from the command line (the file is not edited).
+
+    ``ssh_host`` is ``HOST`` or ``HOST:PORT``. Options for a QEMU profile are a ConfigError.
+    """
+    given = {
+        "--serial": serial,
+        "--relay": relay,
+        "--flash-to": flash_to,
+        "--ssh-host": ssh_host,
+        "--lock-wait": lock_wait,
+    }
+    used = [name for name, value in given.items() if value is not None]
+    if not used:
+        return profile
+    if profile.kind != "board" or profile.board is None:
+        raise ConfigError(
+            f"{', '.join(used)} apply to boards, but device '{profile.name}' ({profile.source}) is of kind "
+            f"'{profile.kind}': pick a board profile with --device"
+        )
+    board = profile.board
+    if board.bench == "virtual" and any(v is not None for v in (serial, relay, flash_to)):
+        raise ConfigError(
+            f"device '{profile.name}' is a virtual bench: its serial port, relay and disk are created for each run, "
+            "so --serial, --relay and --flash-to do not apply"
+        )
+    update: dict[str, Any] = {}
+    if serial is not None:
+        base = board.serial.baudrate if board.serial else 115200
+        url, _, baud = serial.partition("@")
+        if baud and not baud.isdigit():
+            raise ConfigError(f"--serial {serial!r}: write PORT or PORT@BAUD, e.g. /dev/ttyUSB0@115200")
+        update["serial"] = SerialSettings(url=url, baudrate=int(baud) if baud else base)
+    if relay is not None:
+        update["power"] = parse_power_option(relay)
+    if flash_to is not None:
+        update["flash"] = parse_flash_option(flash_to)
+    if ssh_host is not None:
+        host, _, port = ssh_host.rpartition(":") if ssh_host.count(":") == 1 else (ssh_host, "", "")
+        if port and not port.isdigit():
+            raise ConfigError(f"--ssh-host {ssh_host!r}: write HOST or HOST:PORT")
+        update["ssh"] = BoardSshSettings(host=host or ssh_host, port=int(port) if port else board.ssh.port)
+    if lock_wait is not None:
+        if lock_wait < 0:
+            raise ConfigError(f"--lock-wait must be 0 or more seconds, got {lock_wait}")
+        update["lock_wait"] = lock_wait
+    return profile.model_copy(update={"board": board.model_copy(update=update)})

@@ -13,6 +13,7 @@ import pytest
 
 from testbed.dut import DUT
 from testbed.errors import ConfigError, DutError
+from testbed.profile import Profile
 from testbed.util import wait_until
 
 STATE = "/mnt/state"
@@ -56,9 +57,7 @@ class Hup:
     first_boot_s: float = 0.0
     rolled_back: bool = False  # the device has just rolled back (left so by a test)
 
-    @property
-    def bundle_device(self) -> str:
-        return self.dut.media_device("bundle")
+    bundle_device: str = ""  # where the device reads the bundle
 
     def fresh(self, snapshot: str = "hup-ready") -> DUT:
         self.dut.restore(snapshot)
@@ -103,9 +102,16 @@ class Hup:
 
 
 @pytest.fixture(scope="session")
-def hup(dut_factory: Callable[..., DUT], hup_bundle: Path) -> Hup:
-    device = dut_factory("hup", media={"bundle": hup_bundle})
-    state = Hup(device, hup_bundle)
+def hup(dut_factory: Callable[..., DUT], hup_bundle: Path, device_profile: Profile) -> Hup:
+    if device_profile.kind == "qemu":
+        # Attached as a read-only disk, like a USB stick: nothing to copy.
+        device = dut_factory("hup", media={"bundle": hup_bundle})
+        state = Hup(device, hup_bundle, bundle_device=device.media_device("bundle"))
+    else:
+        # A board gets it over SSH, once: the snapshots below are a QEMU device's.
+        device = dut_factory("hup")
+        device.upload(hup_bundle, "/mnt/data/hup-bundle.ext4")
+        state = Hup(device, hup_bundle, bundle_device="/mnt/data/hup-bundle.ext4")
     device.run(f"printf {shlex.quote(HEALTH_VARIABLES)} > {STATE}/rollback-health-variables && sync", check=True)
     state.old_root = device.running_root()
     state.old_version = state.version()

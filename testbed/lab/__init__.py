@@ -1,1 +1,2 @@
-"""The lab around the devices: the farm's own network services (network.py)."""
+"""The lab around the devices: the farm's own network services (``network``) and locks on
+shared boards (``lock``)."""

@@ -164,6 +164,10 @@ def probe_guest(profile: Profile, accel: str, cpu: str, timeout: float) -> tuple
             qs.connect(str(work / "qmp.sock"))
             ss = socket.socket(socket.AF_UNIX)
             ss.connect(str(work / "serial.sock"))
+            # Only QEMU may hold the listening sockets now: if it dies before accepting, the
+            # queued connections are reset and the QMP greeting wait ends (it has no timeout).
+            qmp_l.close()
+            ser_l.close()
             try:
                 qmp = Qmp(qs, timeout)
             except Exception as exc:  # noqa: BLE001 - any failure here means KVM is unusable.
@@ -201,6 +205,7 @@ class QemuMachine:
     """
 
     kind = "qemu"
+    snapshots = True
 
     def __init__(
         self,
@@ -250,6 +255,10 @@ class QemuMachine:
 
     def host_port(self, name: str) -> int:
         return self.forwards[name].host_port
+
+    def endpoint(self, name: str, hostname: str | None = None) -> tuple[str, int]:
+        """Where this host reaches a guest service: a loopback port forward (``hostname`` is not needed)."""
+        return "127.0.0.1", self.forwards[name].host_port
 
     def argv(self, qmp_fd: int, serial_fd: int) -> list[str]:
         s = self.settings
