@@ -181,3 +181,11 @@ def require_tool(name: str, package: str) -> str:
     if not found:
         raise ConfigError(f"{name} is not installed: install the '{package}' package (apt-get install {package})")
     return found
+
+
+def qemu_img(*args: str) -> None:
+    """Run ``qemu-img`` with ``args``; a failure is an InfraError with its message."""
+    tool = require_tool("qemu-img", "qemu-utils")
+    done = subprocess.run([tool, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise InfraError(f"qemu-img {' '.join(args)} failed: {done.stderr.strip()}")

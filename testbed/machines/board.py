@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,16 +34,9 @@ from testbed.flash import FlashResult, make_flasher
 from testbed.lab.lock import DeviceLock
 from testbed.power import make_power
 from testbed.profile import BoardSettings, Profile
-from testbed.util import private_dir, require_tool
+from testbed.util import private_dir, qemu_img
 
 Events = Callable[[str, str], None]
-
-
-def _qemu_img(*args: str) -> None:
-    tool = require_tool("qemu-img", "qemu-utils")
-    done = subprocess.run([tool, *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise InfraError(f"qemu-img {' '.join(args)} failed: {done.stderr.strip()}")
 
 
 class BoardMachine:
@@ -111,7 +103,7 @@ class BoardMachine:
         """Create the overlay the DUT writes config.json into (once per device)."""
         if self.prepared:
             return
-        _qemu_img("create", "-q", "-f", "qcow2", "-F", self.image_format, "-b", str(self.image), str(self.overlay))
+        qemu_img("create", "-q", "-f", "qcow2", "-F", self.image_format, "-b", str(self.image), str(self.overlay))
         self.prepared = True
 
     def reflash(self) -> None:
@@ -130,7 +122,7 @@ class BoardMachine:
         raw = self.workdir / "flash.img"
         t0 = time.monotonic()
         self._event("flash", f"writing the image to {self._flash_target()}")
-        _qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(self.overlay), str(raw))
+        qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(self.overlay), str(raw))
         # Unlinked before the long write, read through /proc/self/fd: a killed run leaves no
         # image-sized file behind.
         fd = os.open(raw, os.O_RDONLY | os.O_CLOEXEC)

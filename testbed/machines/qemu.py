@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from testbed.console import Console, ConsoleLog, SocketTransport
 from testbed.errors import ConfigError, InfraError
 from testbed.profile import Profile, QemuSettings
-from testbed.util import OwnedProcess, free_port, listening_unix_socket, private_dir, require_tool
+from testbed.util import OwnedProcess, free_port, listening_unix_socket, private_dir, qemu_img, require_tool
 
 _accel_cache: dict[tuple[str, str], tuple[str, str]] = {}
 
@@ -44,13 +43,6 @@ class TapNic(Protocol):
 
     @property
     def mac(self) -> str: ...
-
-
-def _qemu_img(*args: str) -> None:
-    tool = require_tool("qemu-img", "qemu-utils")
-    done = subprocess.run([tool, *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise InfraError(f"qemu-img {' '.join(args)} failed: {done.stderr.strip()}")
 
 
 class Qmp:
@@ -249,8 +241,8 @@ class QemuMachine:
             return
         require_tool(self.settings.binary, "qemu-system-x86" if "x86" in self.settings.binary else "qemu-system-arm")
         _code, vars_template = _firmware_paths(self.settings, self.profile.source)
-        _qemu_img("create", "-q", "-f", "qcow2", "-F", self.image_format, "-b", str(self.image), str(self.overlay))
-        _qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", str(vars_template), str(self.vars))
+        qemu_img("create", "-q", "-f", "qcow2", "-F", self.image_format, "-b", str(self.image), str(self.overlay))
+        qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", str(vars_template), str(self.vars))
         self.prepared = True
 
     def host_port(self, name: str) -> int:
@@ -271,9 +263,8 @@ class QemuMachine:
             "-machine", s.machine, "-accel", self.accel, "-cpu", cpu, "-m", str(s.memory_mib), "-smp", str(s.cpus),
             "-display", "none", "-vga", "std",
             "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
-            # The firmware writes its variables a word at a time, each a synchronous write; with
-            # the host flushes qcow2 needs for them, a boot after large disk writes waited minutes
-            # on the host's journal. The variables are rewritten at every boot anyway.
+            # The firmware variables are rewritten at every boot: host flushes for them (one per
+            # word the firmware writes, with qcow2's metadata ordering) would buy nothing.
             "-drive", f"if=pflash,format=qcow2,file={self.vars},cache=unsafe",
             # cache=writeback honours the guest's flushes, so a power cut (QEMU killed) loses
             # exactly what a disk with a volatile cache would lose, no more.
