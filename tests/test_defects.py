@@ -149,19 +149,6 @@ DEFECTS = {
             "test_persistent_journal_survives_a_reboot": "must keep earlier boots",
         },
     ),
-    "grub-never-falls-back": Defect(
-        edits=[boot_file("/EFI/BOOT/grub.cfg", 'if [ "${bootcount}" -ge 2 ]; then', 'if [ "${bootcount}" -ge 99 ]; then')],
-        run=["suites/hup", "-k", "does_not_boot", "--hup-power-cuts", "0"],
-        fails={"test_rollback_when_the_new_root_does_not_boot": "the kernel started 3 times"},
-    ),
-    "health-check-never-fires": Defect(
-        edits=[],
-        bundle_edits=[bundle_file_removed("/etc/systemd/system/multi-user.target.wants/rollback-health.service")],
-        run=["suites/hup", "-k", "unhealthy", "--hup-power-cuts", "0"],
-        fails={"test_rollback_when_the_new_root_is_unhealthy": "did not become ready over SSH"},
-        # A good image is back on its old root in about two boots; this one never is.
-        profile={"rollback": 200},
-    ),
     # Three defects of the farm checks on one image, to keep the boots few: each check must name
     # its own defect, and the lab check none of them touches (address, default route) must pass.
     "dns-ntp-ignored-avahi-in-production": Defect(
@@ -190,6 +177,26 @@ DEFECTS = {
 }
 
 
+# The hup suite's proofs. Not run by the project's tests for now: on the hup device (the update
+# bundle attached as a second disk) a reboot after a snapshot restore can sit in the firmware for
+# minutes. Run them by hand: pytest tests/hup_e2e.py (see there).
+HUP_DEFECTS = {
+    "grub-never-falls-back": Defect(
+        edits=[boot_file("/EFI/BOOT/grub.cfg", 'if [ "${bootcount}" -ge 2 ]; then', 'if [ "${bootcount}" -ge 99 ]; then')],
+        run=["suites/hup", "-k", "does_not_boot", "--hup-power-cuts", "0"],
+        fails={"test_rollback_when_the_new_root_does_not_boot": "the kernel started 3 times"},
+    ),
+    "health-check-never-fires": Defect(
+        edits=[],
+        bundle_edits=[bundle_file_removed("/etc/systemd/system/multi-user.target.wants/rollback-health.service")],
+        run=["suites/hup", "-k", "unhealthy", "--hup-power-cuts", "0"],
+        fails={"test_rollback_when_the_new_root_is_unhealthy": "did not become ready over SSH"},
+        # A good image is back on its old root in about two boots; this one never is.
+        profile={"rollback": 200},
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def reference_image() -> Path:
     return reference.build()
@@ -208,7 +215,11 @@ def _profile_with(tmp_path: Path, timeouts: dict[str, object]) -> Path:
 
 @pytest.mark.parametrize("name", list(DEFECTS))
 def test_suite_fails_the_check_that_matches_the_defect(name: str, reference_image: Path, tmp_path: Path) -> None:
-    defect = DEFECTS[name]
+    check_defect(DEFECTS[name], name, reference_image, tmp_path)
+
+
+def check_defect(defect: Defect, name: str, reference_image: Path, tmp_path: Path) -> None:
+    """Run the defect's suites on an overlay with its edits; its checks fail by name, the rest pass."""
     overlay = tmp_path / f"{name}.qcow2"
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(reference_image), str(overlay)], check=True

@@ -1,8 +1,11 @@
 """The hup suite on the reference image and its update bundle: a whole run as a user starts it
-(pytest in a subprocess), which must pass, with the power-cut trials reported.
+(pytest in a subprocess), which must pass, with the power-cut trials reported; and the proofs
+that its rollback checks fail on defective images (GRUB that never falls back, a health check
+that never fires).
 
-The proofs that its rollback checks fail on defective images (GRUB that never falls back, a
-health check that never fires) are in tests/test_defects.py.
+Not collected by the project's test command yet (the file name does not start with test_): on
+the hup device a reboot after a snapshot restore can sit in the firmware for minutes, which
+makes these runs fail for the lab's reason. Run by hand: ``pytest tests/hup_e2e.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from testbed import reference
+from tests.test_defects import HUP_DEFECTS, check_defect
 
 REPO = Path(__file__).resolve().parent.parent
 TRIALS = 2
@@ -51,3 +55,8 @@ def test_hup_suite_passes_on_the_reference_image(tmp_path: Path) -> None:
     ended = sum(int(n) for n in re.findall(r"(\d+) ended on resin-root[AB]", summary))
     assert ended == TRIALS, summary
     assert bundle.is_file() and oct(bundle.stat().st_mode & 0o777) == "0o444"
+
+
+@pytest.mark.parametrize("name", list(HUP_DEFECTS))
+def test_hup_suite_fails_the_check_that_matches_the_defect(name: str, tmp_path: Path) -> None:
+    check_defect(HUP_DEFECTS[name], name, reference.build(), tmp_path)
