@@ -41,16 +41,21 @@ def test_rollback_when_the_new_root_is_unhealthy(updated: Hup) -> None:
     # sshd of the new root cannot run: its health check must fail and send the device back.
     updated.break_inactive("ln -sf /dev/null /mnt/sysroot/inactive/usr/sbin/sshd")
     d.reboot(timeout=d.profile.timeouts.rollback, max_boots=2)
-    root = d.running_root()
-    assert root == updated.old_root, f"{d.name} runs {root} after a failed health check, expected {updated.old_root}"
-    assert updated.version() == updated.old_version
-    files = updated.state_files()
-    assert "rollback-health-triggered" in files, (
-        f"the device went back to {root} but {STATE}/rollback-health-triggered is missing: {sorted(files)}"
-    )
+    files = assert_rolled_back(updated, "a failed health check", "rollback-health-triggered")
     assert "rollback-altboot-triggered" not in files, (
         f"a health rollback also left {STATE}/rollback-altboot-triggered: {sorted(files)}"
     )
+
+
+def assert_rolled_back(updated: Hup, after: str, record: str) -> set[str]:
+    """The device runs its old root and version again, and left ``record``; return the records."""
+    d = updated.dut
+    root = d.running_root()
+    assert root == updated.old_root, f"{d.name} runs {root} after {after}, expected {updated.old_root}"
+    assert updated.version() == updated.old_version
+    files = updated.state_files()
+    assert record in files, f"the device went back to {root} but {STATE}/{record} is missing: {sorted(files)}"
+    return files
 
 
 def roll_back_from_a_root_without_init(updated: Hup) -> None:
@@ -62,14 +67,7 @@ def roll_back_from_a_root_without_init(updated: Hup) -> None:
 
 def test_rollback_when_the_new_root_does_not_boot(updated: Hup) -> None:
     roll_back_from_a_root_without_init(updated)
-    d = updated.dut
-    root = d.running_root()
-    assert root == updated.old_root, f"{d.name} runs {root} after a failed boot, expected {updated.old_root}"
-    assert updated.version() == updated.old_version
-    files = updated.state_files()
-    assert "rollback-altboot-triggered" in files, (
-        f"the device went back to {root} but {STATE}/rollback-altboot-triggered is missing: {sorted(files)}"
-    )
+    assert_rolled_back(updated, "a failed boot", "rollback-altboot-triggered")
     # The next test goes on from here, rather than from a snapshot of this state (saving one
     # costs seconds for a single user).
     updated.rolled_back = True
