@@ -352,7 +352,8 @@ class DUT:
         console = self.machine.console
         assert console is not None
         console.drain()
-        self.ssh.run("systemd-run --on-active=1 --no-block systemctl reboot", 30)
+        # The delay lets this command return before sshd stops.
+        self.ssh.run("systemd-run --on-active=300ms --no-block systemctl reboot", 30)
         self.ssh.close()
         self.state = "booting"
         t0 = time.monotonic()

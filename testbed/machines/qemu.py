@@ -8,10 +8,13 @@ before QEMU starts and handed over as file descriptors, so there is nothing to p
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +25,9 @@ from testbed.console import Console, ConsoleLog, SocketTransport
 from testbed.errors import ConfigError, InfraError
 from testbed.profile import Profile, QemuSettings
 from testbed.util import OwnedProcess, free_port, listening_unix_socket, private_dir, qemu_img, require_tool
+
+# Why QEMU exits after a reset (QMP SHUTDOWN reasons) when it should come back as a new boot.
+RESTART_REASONS = {"guest-reset", "host-qmp-system-reset"}
 
 _accel_cache: dict[tuple[str, str], tuple[str, str]] = {}
 
@@ -81,6 +87,46 @@ class Qmp:
             self._mon.close()
         except Exception:  # noqa: BLE001 - QEMU may already be gone; closing must not fail.
             pass
+
+
+def _events_handshake(sock: socket.socket) -> None:
+    """Enter command mode on an events-only QMP monitor (then only events arrive)."""
+    sock.settimeout(30)
+    reader = sock.makefile("rb")
+    if not reader.readline():
+        raise InfraError("QEMU's event monitor closed before its greeting")
+    sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+    if b"return" not in reader.readline():
+        raise InfraError("QEMU's event monitor refused qmp_capabilities")
+    sock.settimeout(None)
+
+
+def _shutdown_reason(sock: socket.socket) -> str:
+    """Read events until QEMU closes the monitor; return the last SHUTDOWN's reason ("" if none)."""
+    reason = ""
+    with sock, sock.makefile("rb") as reader:
+        for line in reader:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if message.get("event") == "SHUTDOWN":
+                reason = str(message.get("data", {}).get("reason", ""))
+    return reason
+
+
+def _discard_input(sock: socket.socket | None) -> None:
+    """Drop what was typed on the serial line but never read by the QEMU that is gone."""
+    if sock is None:
+        return
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+    finally:
+        sock.setblocking(True)
 
 
 def _firmware_paths(settings: QemuSettings, source: Path | None) -> tuple[Path, Path]:
@@ -233,6 +279,12 @@ class QemuMachine:
         self.accel, self.accel_note = probe_accel(profile)
         self.powered_on_at = 0.0
         self.prepared = False
+        self.events: Callable[[str, str], None] | None = None  # boot stages for the DUT ("reset")
+        self._uart: socket.socket | None = None  # QEMU's end of the serial line, kept across restarts
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._ended: OwnedProcess | None = None  # the QEMU that stopped by itself, not to be restarted
+        self._restart_error = ""
 
     # -- disks -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -252,7 +304,7 @@ class QemuMachine:
         """Where this host reaches a guest service: a loopback port forward (``hostname`` is not needed)."""
         return "127.0.0.1", self.forwards[name].host_port
 
-    def argv(self, qmp_fd: int, serial_fd: int) -> list[str]:
+    def argv(self, qmp_fd: int, serial_fd: int, events_fd: int) -> list[str]:
         s = self.settings
         code, _ = _firmware_paths(s, self.profile.source)
         hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{f.host_port}-:{f.guest_port}" for f in self.forwards.values())
@@ -276,10 +328,16 @@ class QemuMachine:
             "-netdev", f"user,id=net0,{hostfwd}",
             "-device", f"{s.nic},netdev=net0",
             *self._lab_nic_args(),
-            "-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
+            # Connected sockets, handed over: the QMP client, a second monitor for events only
+            # (read by the supervisor thread), and the serial line.
+            "-chardev", f"socket,id=qmp,fd={qmp_fd},server=off",
             "-mon", "chardev=qmp,mode=control",
-            "-chardev", f"socket,id=ser0,fd={serial_fd},server=on,wait=off",
+            "-chardev", f"socket,id=events,fd={events_fd},server=off",
+            "-mon", "chardev=events,mode=control",
+            "-chardev", f"socket,id=ser0,fd={serial_fd},server=off",
             "-serial", "chardev:ser0",
+            # A reset ends this QEMU; the supervisor starts the next one (see _supervise).
+            "-action", "reboot=shutdown",
             *s.extra_args,
         ]  # fmt: skip
 
@@ -307,55 +365,145 @@ class QemuMachine:
     # -- power -------------------------------------------------------------------------
     def power_on(self) -> Console:
         """Start QEMU and the guest; return the console, already being drained."""
-        if self.proc is not None and self.proc.alive():
-            raise InfraError("power_on: the machine is already on")
-        self.prepare()
-        qmp_l = listening_unix_socket(self.workdir / "qmp.sock")
-        ser_l = listening_unix_socket(self.workdir / "serial.sock")
+        with self._lock:
+            if self.proc is not None and self.proc.alive():
+                raise InfraError("power_on: the machine is already on")
+            self.prepare()
+            # The serial line is a socket pair whose QEMU end testbed keeps too: when QEMU is
+            # restarted after a guest reset, the console reads on, like a board's UART.
+            host_end, self._uart = socket.socketpair()
+            self.console = Console(
+                SocketTransport(host_end), self.console_log, name=f"{self.profile.name} serial console"
+            )
+            try:
+                proc, self.qmp, events = self._spawn()
+            except BaseException:
+                self._uart.close()
+                self._uart = None
+                self.console.close()
+                self.console = None
+                raise
+            self.proc = proc
+            self._ended = None
+            self.console_log.mark(f"power on ({self.accel})")
+            self.powered_on_at = time.monotonic()
+            self.qmp.cmd("cont")
+            # The thread that restarts QEMU must outlive it: the child's death signal follows
+            # the thread that started it. So one thread watches every QEMU of this power-on.
+            threading.Thread(
+                target=self._supervise, args=(proc, events), name=f"{self.profile.name}-qemu-supervisor", daemon=True
+            ).start()
+            return self.console
+
+    def _spawn(self) -> tuple[OwnedProcess, Qmp, socket.socket]:
+        """Start QEMU paused on the overlay and the serial line; return it, its QMP client and
+        the socket of its second monitor, on which only events are read."""
+        assert self._uart is not None
+        qmp_ours, qmp_theirs = socket.socketpair()
+        events_ours, events_theirs = socket.socketpair()
+        fds = [qmp_theirs.fileno(), events_theirs.fileno(), self._uart.fileno(), *(nic.fd for nic in self.lab_nics)]
         try:
-            self.proc = OwnedProcess(
-                self.argv(qmp_l.fileno(), ser_l.fileno()),
-                pass_fds=[qmp_l.fileno(), ser_l.fileno(), *(nic.fd for nic in self.lab_nics)],
+            proc = OwnedProcess(
+                self.argv(qmp_theirs.fileno(), self._uart.fileno(), events_theirs.fileno()),
+                pass_fds=fds,
                 stderr_path=self.workdir / "qemu.stderr",
             )
-            qs = socket.socket(socket.AF_UNIX)
-            qs.connect(str(self.workdir / "qmp.sock"))
-            ss = socket.socket(socket.AF_UNIX)
-            ss.connect(str(self.workdir / "serial.sock"))
+        except BaseException:
+            qmp_ours.close()
+            events_ours.close()
+            raise
         finally:
-            qmp_l.close()
-            ser_l.close()
+            # Only QEMU holds these ends now, so its exit is an end of file here.
+            qmp_theirs.close()
+            events_theirs.close()
         try:
-            self.qmp = Qmp(qs, timeout=30)
+            qmp = Qmp(qmp_ours, timeout=30)
+            _events_handshake(events_ours)
         except Exception as exc:  # noqa: BLE001
-            tail = self.proc.stderr_tail() if self.proc else ""
-            self.power_cut()
+            tail = proc.stderr_tail()
+            proc.kill()
+            qmp_ours.close()
+            events_ours.close()
             raise InfraError(f"QEMU did not start: {tail or exc}") from None
-        self.console = Console(SocketTransport(ss), self.console_log, name=f"{self.profile.name} serial console")
-        self.console_log.mark(f"power on ({self.accel})")
-        self.powered_on_at = time.monotonic()
-        self.qmp.cmd("cont")
-        return self.console
+        return proc, qmp, events_ours
+
+    def _supervise(self, proc: OwnedProcess, events: socket.socket) -> None:
+        """Watch QEMU until it exits; after a reset, start it again on the same disks.
+
+        A reset makes QEMU exit (``-action reboot=shutdown``) and a new QEMU boots: the same
+        as a reset for the guest (RAM is not kept across a reboot anyway), and the firmware's
+        cold path takes a few seconds where its warm reset under TCG took 15-20 s, or hung.
+        """
+        while True:
+            reason = _shutdown_reason(events)
+            proc.proc.wait()
+            with self._lock:
+                if proc is not self.proc:  # cut or closed by testbed
+                    return
+                if reason not in RESTART_REASONS:
+                    self._ended = proc  # off by itself (a guest power-off, or a crash)
+                    self._changed.notify_all()
+                    return
+                t0 = time.monotonic()
+                if self.qmp is not None:
+                    self.qmp.close()
+                    self.qmp = None
+                _discard_input(self._uart)
+                try:
+                    proc, self.qmp, events = self._spawn()
+                except InfraError as exc:
+                    self._ended = self.proc
+                    self._restart_error = str(exc)
+                    self._changed.notify_all()
+                    return
+                self.proc = proc
+                self.console_log.mark(
+                    f"reset ({reason}): QEMU restarted on the same disks in {time.monotonic() - t0:.1f}s"
+                )
+                if self.events is not None:
+                    self.events("reset", reason)
+                self.qmp.cmd("cont")
+                self._changed.notify_all()
+
+    def _settled_proc(self) -> OwnedProcess | None:
+        """The QEMU process, once a restart after a reset (if one is due) has happened."""
+        with self._lock:
+            deadline = time.monotonic() + 60
+            while (
+                self.proc is not None
+                and not self.proc.alive()
+                and self._ended is not self.proc
+                and time.monotonic() < deadline
+            ):
+                self._changed.wait(timeout=1.0)
+            return self.proc
 
     def check_alive(self) -> None:
         """Raise InfraError if QEMU died (used between waits)."""
-        if self.proc is None or not self.proc.alive():
-            code = self.proc.proc.returncode if self.proc else None
-            tail = self.proc.stderr_tail() if self.proc else ""
+        proc = self._settled_proc()
+        if proc is None or not proc.alive():
+            code = proc.proc.returncode if proc else None
+            tail = self._restart_error or (proc.stderr_tail() if proc else "")
             raise InfraError(f"QEMU exited (code {code}): {tail}")
 
     def power_cut(self) -> None:
         """An abrupt power loss: the process is killed, nothing is flushed or shut down."""
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc = None
-            self.console_log.mark("power cut")
-        if self.console is not None:
-            self.console.close()
-            self.console = None
+        with self._lock:
+            if self.qmp is not None:
+                self.qmp.close()
+                self.qmp = None
+            if self.proc is not None:
+                proc, self.proc = self.proc, None
+                proc.kill()
+                self.console_log.mark("power cut")
+            if self._uart is not None:
+                self._uart.close()
+                self._uart = None
+            if self.console is not None:
+                self.console.close()
+                self.console = None
+            self._restart_error = ""
+            self._changed.notify_all()
 
     def power_off(self, timeout: float) -> None:
         """An ACPI shutdown; cut the power if the guest has not stopped in time."""
@@ -368,7 +516,8 @@ class QemuMachine:
         self.power_cut()
 
     def is_on(self) -> bool:
-        return self.proc is not None and self.proc.alive()
+        proc = self._settled_proc()
+        return proc is not None and proc.alive()
 
     # -- snapshots ---------------------------------------------------------------------
     def save_snapshot(self, name: str) -> None:
