@@ -86,12 +86,15 @@ DEFECTS = {
         edits=[
             boot_file("/EFI/BOOT/grub.cfg", "rootfstype=ext4 ro", "rootfstype=ext4 rw"),
             root_file("/etc/fstab", "ext4    ro,noatime", "ext4    rw,noatime"),
+            # and, on the same boot, an /etc/issue that names another OS
+            root_file("/etc/issue", "testbed reference OS", "Debian GNU/Linux 12"),
         ],
         run=["suites/rootfs", "suites/os_release", "-k", "not survive"],
         fails={
             "test_root_is_mounted_read_only": "read-only",
             "test_writes_to_root_fail_with_erofs": "to fail on a read-only root",
             "test_no_writable_mount_of_the_root_device": "mounted writable",
+            "test_issue_names_the_os": "/etc/issue must name the OS",
         },
     ),
     "partition-label-renamed": Defect(
@@ -141,12 +144,18 @@ DEFECTS = {
         run=["suites/config", "-k", "before_boot"],
         fails={"test_hostname_set_before_boot": "tb-configured"},
     ),
-    "journal-not-persisted": Defect(
-        edits=[root_file(CONFIG_JSON_SCRIPT, 'if [ "${cfg_logging}" = true ]; then', "if false; then")],
-        run=["suites/logging"],
+    # Two config-json defects on one image: the journal not persisted, and dnsServers "null"
+    # taken for a server name.
+    "journal-not-persisted-dns-null-as-a-server": Defect(
+        edits=[
+            root_file(CONFIG_JSON_SCRIPT, 'if [ "${cfg_logging}" = true ]; then', "if false; then"),
+            root_file(CONFIG_JSON_SCRIPT, "[ \"${cfg_dns}\" = null ] && cfg_dns=''", ": dnsServers null kept"),
+        ],
+        run=["suites/logging", "suites/config", "-k", "journal or null"],
         fails={
             "test_persistent_journal_is_on_resin_data_within_limit": "/var/log/journal must come from resin-data",
             "test_persistent_journal_survives_a_reboot": "must keep earlier boots",
+            "test_dns_servers_null_adds_no_server": 'dnsServers "null" must add no server',
         },
     ),
     # Three defects of the farm checks on one image, to keep the boots few: each check must name

@@ -72,3 +72,21 @@ def test_edits_on_the_device_apply_after_a_reboot(fresh_dut: DUT) -> None:
     if f"server={edits['dnsServers']}" not in dut.run("cat /run/dnsmasq.servers").stdout:
         problems.append(f"dnsServers {edits['dnsServers']} not in /run/dnsmasq.servers")
     assert not problems, f"after editing /mnt/boot/config.json ({edits}) and rebooting: " + "; ".join(problems)
+
+
+def test_dns_servers_null_adds_no_server(fresh_dut: DUT) -> None:
+    # "null" (a string, as balenaOS writes it) means no extra upstream server, not a server
+    # named "null". The image's own config-json service is run again on the edited file.
+    dut = fresh_dut
+    dut.run(
+        "jq '.dnsServers = \"null\"' /mnt/boot/config.json > /mnt/boot/config.json.new && "
+        "mv /mnt/boot/config.json.new /mnt/boot/config.json && sync && "
+        "systemctl restart config-json.service && systemctl restart dnsmasq.service",
+        check=True,
+    )
+    servers = dut.run("cat /run/dnsmasq.servers; systemctl is-active dnsmasq").stdout
+    lines = [line for line in servers.splitlines() if line.strip()]
+    assert lines == ["active"], (
+        f'config.json dnsServers "null" must add no server and leave dnsmasq running; '
+        f"/run/dnsmasq.servers and dnsmasq state: {servers.strip()!r}"
+    )

@@ -41,3 +41,9 @@ def test_version_is_consistent(dut: DUT, os_release: dict[str, str]) -> None:
     assert version_id and version_id in os_release.get("PRETTY_NAME", ""), (
         f"expected PRETTY_NAME to name VERSION_ID {version_id!r}, found {os_release.get('PRETTY_NAME')!r}"
     )
+
+
+def test_issue_names_the_os(dut: DUT, os_release: dict[str, str]) -> None:
+    issue = dut.run("cat /etc/issue", check=True).stdout
+    name = os_release.get("NAME", "")
+    assert name and name in issue, f"/etc/issue must name the OS ({name!r} from /etc/os-release), it says {issue!r}"
