@@ -186,9 +186,7 @@ DEFECTS = {
 }
 
 
-# The hup suite's proofs. Not run by the project's tests for now: on the hup device (the update
-# bundle attached as a second disk) a reboot after a snapshot restore can sit in the firmware for
-# minutes. Run them by hand: pytest tests/hup_e2e.py (see there).
+# The hup suite's proofs, run by tests/test_hup.py (they need the update bundle).
 HUP_DEFECTS = {
     "grub-never-falls-back": Defect(
         edits=[boot_file("/EFI/BOOT/grub.cfg", 'if [ "${bootcount}" -ge 2 ]; then', 'if [ "${bootcount}" -ge 99 ]; then')],

@@ -2,10 +2,6 @@
 (pytest in a subprocess), which must pass, with the power-cut trials reported; and the proofs
 that its rollback checks fail on defective images (GRUB that never falls back, a health check
 that never fires).
-
-Not collected by the project's test command yet (the file name does not start with test_): on
-the hup device a reboot after a snapshot restore can sit in the firmware for minutes, which
-makes these runs fail for the lab's reason. Run by hand: ``pytest tests/hup_e2e.py``.
 """
 
 from __future__ import annotations
