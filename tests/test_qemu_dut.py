@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from testbed.dut import DUT
-from testbed.errors import DutError
+from testbed.errors import DutError, InfraError
+from testbed.util import wait_until
 
 pytestmark = pytest.mark.usefixtures("qemu_tools")
 
@@ -45,3 +46,18 @@ def test_power_cycle_gives_a_new_boot_on_the_same_disk(dut: DUT) -> None:
     assert dut.boot_id() != before
     assert dut.run("cat /mnt/data/power-cycle-marker").stdout == "kept\n"
     dut.restore("ready")
+
+
+def test_a_guest_power_off_stays_off_until_power_returns(dut: DUT) -> None:
+    # A reset restarts QEMU (see test_reboot_gives_a_new_boot); a power-off must not.
+    log = dut.console_log_path
+    restarts = log.read_text(errors="replace").count("QEMU restarted")
+    dut.run("systemd-run --on-active=300ms --timer-property=AccuracySec=10ms --no-block systemctl poweroff", check=True)
+    wait_until(
+        lambda: not dut.machine.is_on(), dut.profile.timeouts.shutdown, "QEMU to exit after the guest powered off"
+    )
+    assert log.read_text(errors="replace").count("QEMU restarted") == restarts, "a guest power-off restarted QEMU"
+    with pytest.raises(InfraError, match="QEMU exited"):
+        dut.machine.check_alive()
+    dut.restore("ready")
+    assert dut.run("true").ok
