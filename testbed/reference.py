@@ -113,10 +113,28 @@ GPT_LINUX_DATA = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 
 GRUB_PLATFORM_DIR = Path("/usr/lib/grub/x86_64-efi")
 GRUB_MODULES = (
-    "part_gpt", "part_msdos", "fat", "ext2", "search", "search_label",
-    "search_fs_uuid", "search_fs_file", "loadenv", "normal", "linux",
-    "configfile", "echo", "test", "serial", "terminal", "efi_gop", "boot",
-    "ls", "cat", "reboot", "halt",
+    "part_gpt",
+    "part_msdos",
+    "fat",
+    "ext2",
+    "search",
+    "search_label",
+    "search_fs_uuid",
+    "search_fs_file",
+    "loadenv",
+    "normal",
+    "linux",
+    "configfile",
+    "echo",
+    "test",
+    "serial",
+    "terminal",
+    "efi_gop",
+    "boot",
+    "ls",
+    "cat",
+    "reboot",
+    "halt",
 )
 GRUBENV_DEFAULTS = (("resin_root_part", "A"), ("upgrade_available", "0"), ("bootcount", "0"))
 
@@ -183,8 +201,7 @@ class MissingToolError(BuildError):
 
     def __init__(self, tool: str, package: str) -> None:
         super().__init__(
-            f"missing host tool {tool!r}: install the Debian package {package!r} "
-            f"(apt-get install {package})"
+            f"missing host tool {tool!r}: install the Debian package {package!r} (apt-get install {package})"
         )
         self.tool = tool
         self.package = package
@@ -301,8 +318,9 @@ def build_bundle(
             out.truncate(int(root["size"]))
             _sparse_region_copy(image, int(root["start"]), int(root["size"]), out.fileno())
         # Its own label: attached beside the disk it must not pass for a root partition.
-        subprocess.run([_which("tune2fs") or "tune2fs", "-L", BUNDLE_LABEL, str(partial)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [_which("tune2fs") or "tune2fs", "-L", BUNDLE_LABEL, str(partial)], check=True, capture_output=True
+        )
         partial.chmod(0o444)
         os.replace(partial, bundle)
     log(f"update bundle ready: {bundle} (version {options.version})")
@@ -341,8 +359,7 @@ def check_host() -> None:
         raise MissingToolError(f"GRUB x86_64-efi modules ({GRUB_PLATFORM_DIR})", "grub-efi-amd64-bin")
     if os.geteuid() != 0:
         raise BuildError(
-            "building the reference image needs root (mmdebstrap root mode and "
-            "root-owned files for mkfs.ext4 -d)"
+            "building the reference image needs root (mmdebstrap root mode and root-owned files for mkfs.ext4 -d)"
         )
 
 
@@ -400,8 +417,17 @@ def _align(value: int, unit: int = MIB) -> int:
 class _Builder:
     """One build, from the recipe to the image in ``staging``."""
 
-    def __init__(self, options: BuildOptions, cache: Path, staging: Path, digest: str, log: Log,
-                 build_log: Path, *, force: bool = False):
+    def __init__(
+        self,
+        options: BuildOptions,
+        cache: Path,
+        staging: Path,
+        digest: str,
+        log: Log,
+        build_log: Path,
+        *,
+        force: bool = False,
+    ):
         self.options = options
         self.force = force
         self.cache = cache
@@ -413,14 +439,18 @@ class _Builder:
         self.apt_cache = cache / "apt-archives"
         self.build_log = build_log
         self.recipe = RECIPE_DIR
-        self.tool_path = os.pathsep.join(
-            [os.environ.get("PATH", os.defpath), *_SBIN_PATH]
-        )
+        self.tool_path = os.pathsep.join([os.environ.get("PATH", os.defpath), *_SBIN_PATH])
 
     # -- helpers -----------------------------------------------------------
 
-    def _run(self, argv: list[str], *, env: dict[str, str] | None = None,
-             stdin: str | None = None, echo: Callable[[str], bool] | None = None) -> str:
+    def _run(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        stdin: str | None = None,
+        echo: Callable[[str], bool] | None = None,
+    ) -> str:
         """Run argv, append its output to build.log and return it.
 
         Lines for which ``echo`` returns true are passed to ``log`` as they
@@ -470,10 +500,7 @@ class _Builder:
         output = "".join(lines)
         if code != 0:
             tail = "".join(lines[-25:]).rstrip()
-            raise BuildError(
-                f"{Path(argv[0]).name} failed with exit code {code} "
-                f"(full log: {self.build_log}):\n{tail}"
-            )
+            raise BuildError(f"{Path(argv[0]).name} failed with exit code {code} (full log: {self.build_log}):\n{tail}")
         return output
 
     # -- steps ---------------------------------------------------------------
@@ -481,10 +508,7 @@ class _Builder:
     def run(self) -> None:
         started = time.monotonic()
         self.work.mkdir()
-        self.log(
-            f"building testbed reference OS {self.options.version} "
-            f"(recipe {self.recipe}, hash {self.digest})"
-        )
+        self.log(f"building testbed reference OS {self.options.version} (recipe {self.recipe}, hash {self.digest})")
         base = self._base()
         self._customize(base)
         packages = self._installed_packages()
@@ -550,8 +574,9 @@ class _Builder:
         self._bootstrap(tree)
         self.log(f"packing {tarball.name}")
         partial = tarball.with_suffix(".tar.tmp")
-        self._run(["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "--xattrs-include=*",
-                   "-cf", str(partial), "."])
+        self._run(
+            ["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "--xattrs-include=*", "-cf", str(partial), "."]
+        )
         os.replace(partial, tarball)
         _remove_tree(tree)
         for old in sorted(bases.glob("*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)[BASE_KEEP:]:
@@ -570,29 +595,26 @@ class _Builder:
             "--variant=minbase",
             f"--architectures={ARCH}",
             "--include=" + ",".join(packages),
-            "--aptopt=Acquire::Retries \"3\"",
+            '--aptopt=Acquire::Retries "3"',
             # The build directory may sit in a home directory apt's sandbox
             # user cannot enter; download as root without warning about it.
-            "--aptopt=APT::Sandbox::User \"root\"",
+            '--aptopt=APT::Sandbox::User "root"',
             *(f"--dpkgopt={rule}" for rule in DPKG_EXCLUDES),
             # Keep downloaded packages: the cache is filled from and to them.
             "--skip=download/empty",
             "--skip=essential/unlink",
             f"--setup-hook=mkdir -p {archives} && "
             f"{{ cp -al {cache}/. {archives}/ 2>/dev/null || cp -a {cache}/. {archives}/; }}",
-            f"--essential-hook={shlex.quote(str(self.recipe / 'hooks' / 'essential.sh'))} \"$1\"",
+            f'--essential-hook={shlex.quote(str(self.recipe / "hooks" / "essential.sh"))} "$1"',
             f"--customize-hook=for deb in {archives}/*.deb; do "
-            f"[ -e {cache}/\"${{deb##*/}}\" ] || cp -al \"$deb\" {cache}/ 2>/dev/null "
-            f"|| cp -a \"$deb\" {cache}/; done",
+            f'[ -e {cache}/"${{deb##*/}}" ] || cp -al "$deb" {cache}/ 2>/dev/null '
+            f'|| cp -a "$deb" {cache}/; done',
             SUITE,
             str(tree),
             *APT_SOURCES,
         ]
         cached = len(list(self.apt_cache.glob("*.deb")))
-        self.log(
-            f"mmdebstrap: {SUITE} minbase + {len(packages)} packages "
-            f"({cached} .deb files in {self.apt_cache})"
-        )
+        self.log(f"mmdebstrap: {SUITE} minbase + {len(packages)} packages ({cached} .deb files in {self.apt_cache})")
         started = time.monotonic()
         self._run(argv, echo=lambda line: line.startswith(("I: ", "W: ", "E: ")))
         self.log(f"mmdebstrap done in {time.monotonic() - started:.0f} s")
@@ -605,16 +627,25 @@ class _Builder:
         with them: nothing is mounted on the host.
         """
         self.rootfs.mkdir()
-        self._run(["tar", "-C", str(self.rootfs), "--numeric-owner", "--xattrs", "--xattrs-include=*",
-                   "-xpf", str(base)])
+        self._run(
+            ["tar", "-C", str(self.rootfs), "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", str(base)]
+        )
         null = self.rootfs / "dev/null"
         if not null.is_char_device():
             raise BuildError(f"{base} has no /dev/null device node")
         self.log("customize.sh: applying the recipe")
         self._run(
-            ["unshare", "--mount", "--propagation=private", "--pid", "--fork",
-             f"--mount-proc={self.rootfs / 'proc'}",
-             "sh", str(self.recipe / "hooks" / "customize.sh"), str(self.rootfs)],
+            [
+                "unshare",
+                "--mount",
+                "--propagation=private",
+                "--pid",
+                "--fork",
+                f"--mount-proc={self.rootfs / 'proc'}",
+                "sh",
+                str(self.recipe / "hooks" / "customize.sh"),
+                str(self.rootfs),
+            ],
             env={"TESTBED_RECIPE": str(self.recipe), "TESTBED_VERSION": self.options.version},
         )
 
@@ -638,7 +669,7 @@ class _Builder:
                 deb.unlink(missing_ok=True)
 
     def _kernel_version(self) -> str:
-        kernel = (self.rootfs / "boot/vmlinuz")
+        kernel = self.rootfs / "boot/vmlinuz"
         if not kernel.is_symlink() or not (self.rootfs / "boot/initrd.img").exists():
             raise BuildError("the root filesystem has no /boot/vmlinuz and /boot/initrd.img")
         return os.readlink(kernel).removeprefix("vmlinuz-")
@@ -694,15 +725,29 @@ class _Builder:
         # The embedded configuration runs before GRUB's script parser is
         # loaded: plain commands only, no comments.
         early = grub / "early.cfg"
-        early.write_text("".join(
-            line for line in (boot / "grub-early.cfg").read_text().splitlines(keepends=True)
-            if line.strip() and not line.lstrip().startswith("#")
-        ))
-        self._run([
-            "grub-mkimage", "-O", "x86_64-efi", "-d", str(GRUB_PLATFORM_DIR),
-            "-o", str(efi), "-p", "/EFI/BOOT", "-c", str(early),
-            *GRUB_MODULES,
-        ])
+        early.write_text(
+            "".join(
+                line
+                for line in (boot / "grub-early.cfg").read_text().splitlines(keepends=True)
+                if line.strip() and not line.lstrip().startswith("#")
+            )
+        )
+        self._run(
+            [
+                "grub-mkimage",
+                "-O",
+                "x86_64-efi",
+                "-d",
+                str(GRUB_PLATFORM_DIR),
+                "-o",
+                str(efi),
+                "-p",
+                "/EFI/BOOT",
+                "-c",
+                str(early),
+                *GRUB_MODULES,
+            ]
+        )
         grubenv = grub / "grubenv"
         self._run(["grub-editenv", str(grubenv), "create"])
         self._run(["grub-editenv", str(grubenv), "set", *(f"{k}={v}" for k, v in GRUBENV_DEFAULTS)])
@@ -731,26 +776,25 @@ class _Builder:
         script = ["label: gpt", "unit: sectors", "first-lba: 2048", ""]
         for number, part in enumerate(PARTITIONS, 1):
             size = sizes[part.label]
-            layout.append({
-                "number": number,
-                "label": part.label,
-                "fstype": part.fstype,
-                "type": part.type_guid,
-                "start": start,
-                "size": size,
-                "start_sector": start // SECTOR,
-                "size_sectors": size // SECTOR,
-            })
-            script.append(
-                f"start={start // SECTOR}, size={size // SECTOR}, type={part.type_guid}, name=\"{part.label}\""
+            layout.append(
+                {
+                    "number": number,
+                    "label": part.label,
+                    "fstype": part.fstype,
+                    "type": part.type_guid,
+                    "start": start,
+                    "size": size,
+                    "start_sector": start // SECTOR,
+                    "size_sectors": size // SECTOR,
+                }
             )
+            script.append(f'start={start // SECTOR}, size={size // SECTOR}, type={part.type_guid}, name="{part.label}"')
             start += size
         total = start + MIB  # room for the backup GPT
         with open(image, "wb") as handle:
             handle.truncate(total)
         self.log(f"sfdisk: GPT with {len(PARTITIONS)} partitions, {total // MIB} MiB image")
-        self._run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)],
-                  stdin="\n".join(script) + "\n")
+        self._run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)], stdin="\n".join(script) + "\n")
         table = json.loads(self._run(["sfdisk", "--json", str(image)]))["partitiontable"]["partitions"]
         for entry, row in zip(layout, table, strict=False):
             if row["start"] != entry["start_sector"] or row["size"] != entry["size_sectors"]:
@@ -819,13 +863,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m testbed.reference",
         description="Build the testbed reference OS disk image (cached) and print its path.",
     )
-    parser.add_argument("--version", default=None,
-                        help=f"OS version (default {BuildOptions.version}, {BUNDLE_VERSION} with --bundle)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="cache directory (default $TESTBED_CACHE or ~/.cache/testbed)")
+    parser.add_argument(
+        "--version", default=None, help=f"OS version (default {BuildOptions.version}, {BUNDLE_VERSION} with --bundle)"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="cache directory (default $TESTBED_CACHE or ~/.cache/testbed)"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if the image is cached")
-    parser.add_argument("--bundle", action="store_true",
-                        help="build the update bundle (root filesystem) of that version instead, and print its path")
+    parser.add_argument(
+        "--bundle",
+        action="store_true",
+        help="build the update bundle (root filesystem) of that version instead, and print its path",
+    )
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:

@@ -199,7 +199,7 @@ HUP_DEFECTS = {
         run=["suites/hup", "-k", "unhealthy", "--hup-power-cuts", "0"],
         fails={"test_rollback_when_the_new_root_is_unhealthy": "did not become ready over SSH"},
         # A good image is back on its old root in about two boots; this one never is.
-        profile={"rollback": 200},
+        profile={"rollback": 160},
     ),
 }
 

@@ -148,7 +148,9 @@ class BoardMachine:
     # -- power -------------------------------------------------------------------------
     def _open_console(self) -> Console:
         transport = SerialTransport(self.serial.url, self.serial.baudrate)
-        self.console = Console(transport, self.console_log, name=f"{self.profile.name} serial console {self.serial.url}")
+        self.console = Console(
+            transport, self.console_log, name=f"{self.profile.name} serial console {self.serial.url}"
+        )
         return self.console
 
     def power_on(self) -> Console:

@@ -368,6 +368,9 @@ class QemuMachine:
         with self._lock:
             if self.proc is not None and self.proc.alive():
                 raise InfraError("power_on: the machine is already on")
+            # Off by itself (a guest power-off): let go of that power-on's QMP and console.
+            self.proc = None
+            self._release()
             self.prepare()
             # The serial line is a socket pair whose QEMU end testbed keeps too: when QEMU is
             # restarted after a guest reset, the console reads on, like a board's UART.
@@ -496,6 +499,14 @@ class QemuMachine:
                 proc, self.proc = self.proc, None
                 proc.kill()
                 self.console_log.mark("power cut")
+            self._release()
+
+    def _release(self) -> None:
+        """Close the QMP client, the serial line and the console of the last power-on."""
+        with self._lock:
+            if self.qmp is not None:
+                self.qmp.close()
+                self.qmp = None
             if self._uart is not None:
                 self._uart.close()
                 self._uart = None

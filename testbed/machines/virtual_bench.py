@@ -323,8 +323,13 @@ class VirtualBench:
         return self.profile.board.model_copy(
             update={
                 "serial": SerialSettings(url=str(self.adapter.link), baudrate=115200),
-                "power": {"driver": "serial-relay", "port": self.relay.port, "channel": RELAY_CHANNEL, "verify": True,
-                          "off_seconds": 0.5},
+                "power": {
+                    "driver": "serial-relay",
+                    "port": self.relay.port,
+                    "channel": RELAY_CHANNEL,
+                    "verify": True,
+                    "off_seconds": 0.5,
+                },
                 "flash": {"driver": "blockdev", "device": str(self.disk.path)},
                 "ssh": BoardSshSettings(host="127.0.0.1", port=self.ports["ssh"]),
             }
