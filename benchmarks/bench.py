@@ -4,7 +4,9 @@
 
 Prints: cold boot to SSH ready (testbed vs QEMU started by hand + first successful ssh),
 snapshot restore to ready, and per-command round trips over SSH (vs raw paramiko) and over
-the serial console (vs raw pexpect). Ratios, not absolute times, are what to compare.
+the serial console (vs raw pexpect), and a reboot to SSH ready with QEMU restarted on the reset
+(testbed's default) vs the machine reset in place (``qemu.reset: warm``). Ratios, not absolute
+times, are what to compare.
 
 With ``--suites`` it also times whole suite runs, in the same run: the OS suites in both modes
 (issue target 5 min) and the hup suite with 5 power-cut trials (target 6 min), each also as a
@@ -29,6 +31,7 @@ import pexpect.fdpexpect
 
 from testbed import reference
 from testbed.dut import DUT
+from testbed.errors import DutError, InfraError
 from testbed.machines.qemu import probe_accel
 from testbed.profile import load_profile
 from testbed.util import OwnedProcess, free_port
@@ -145,8 +148,24 @@ def with_testbed(profile, image: Path, rounds: int) -> dict[str, float]:
             ssh.append(dut.run("true").duration_s)
         dut.console.login()
         serial = [dut.console.run("true").duration_s for _ in range(rounds)]
+        reboot = dut.reboot().ssh_ready_s or 0.0
         return {"boot": boot, "save": save, "restore": statistics.median(restores), "ssh": median_ms(ssh),
-                "serial": median_ms(serial)}  # fmt: skip
+                "serial": median_ms(serial), "reboot": reboot}  # fmt: skip
+    finally:
+        dut.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def warm_reboot(profile, image: Path) -> str:
+    """A reboot to SSH ready with the machine reset in place (``qemu.reset: warm``)."""
+    warm = profile.model_copy(update={"qemu": profile.qemu.model_copy(update={"reset": "warm"})})
+    work = Path(tempfile.mkdtemp(prefix="bench-warm-"))
+    dut = DUT(profile=warm, image=image, image_format="raw", console_log_path=work / "console.log")
+    try:
+        dut.power_on()
+        return f"{dut.reboot().ssh_ready_s:.1f} s (reset in place)"
+    except (DutError, InfraError) as exc:
+        return f"failed: {str(exc).splitlines()[0][:60]}"
     finally:
         dut.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -170,6 +189,7 @@ def main() -> None:
         ("snapshot restore to ready", f"{tb['restore']:.2f} s", f"(savevm {tb['save']:.2f} s)", None, "<= 1.5 s"),
         ("command round trip, SSH", f"{tb['ssh']:.1f} ms", f"{raw['ssh']:.1f} ms (paramiko exec)", tb["ssh"] / raw["ssh"], "<= 1.5"),
         ("command round trip, serial", f"{tb['serial']:.1f} ms", f"{raw['serial']:.1f} ms (pexpect)", tb["serial"] / raw["serial"], ""),
+        ("reboot to SSH ready", f"{tb['reboot']:.1f} s", warm_reboot(profile, image), None, "< reset in place"),
     ]  # fmt: skip
     if args.suites:
         tmp = Path(tempfile.mkdtemp(prefix="testbed-bench-"))

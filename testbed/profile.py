@@ -37,6 +37,10 @@ class QemuSettings(_Strict):
     firmware: Firmware
     disk_interface: Literal["virtio", "nvme", "ide"] = "virtio"
     nic: str = "virtio-net-pci"
+    # What a reset (a reboot, a panic) does: "restart" ends QEMU and starts a new one on the same
+    # disks, so the firmware takes its cold path (seconds under TCG); "warm" resets the machine
+    # in place, as a board would (OVMF's warm path took 15-20 s under TCG, and could hang).
+    reset: Literal["restart", "warm"] = "restart"
     extra_args: list[str] = []
 
 

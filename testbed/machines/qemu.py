@@ -337,7 +337,7 @@ class QemuMachine:
             "-chardev", f"socket,id=ser0,fd={serial_fd},server=off",
             "-serial", "chardev:ser0",
             # A reset ends this QEMU; the supervisor starts the next one (see _supervise).
-            "-action", "reboot=shutdown",
+            *(["-action", "reboot=shutdown"] if s.reset == "restart" else []),
             *s.extra_args,
         ]  # fmt: skip
 
