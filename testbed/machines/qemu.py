@@ -492,9 +492,6 @@ class QemuMachine:
     def power_cut(self) -> None:
         """An abrupt power loss: the process is killed, nothing is flushed or shut down."""
         with self._lock:
-            if self.qmp is not None:
-                self.qmp.close()
-                self.qmp = None
             if self.proc is not None:
                 proc, self.proc = self.proc, None
                 proc.kill()
