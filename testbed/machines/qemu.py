@@ -454,18 +454,18 @@ class QemuMachine:
                 _discard_input(self._uart)
                 try:
                     proc, self.qmp, events = self._spawn()
+                    self.proc = proc
+                    self.console_log.mark(
+                        f"reset ({reason}): QEMU restarted on the same disks in {time.monotonic() - t0:.1f}s"
+                    )
+                    if self.events is not None:
+                        self.events("reset", reason)
+                    self.qmp.cmd("cont")
                 except InfraError as exc:
                     self._ended = self.proc
-                    self._restart_error = str(exc)
+                    self._restart_error = f"restarting QEMU after a reset failed: {exc}"
                     self._changed.notify_all()
                     return
-                self.proc = proc
-                self.console_log.mark(
-                    f"reset ({reason}): QEMU restarted on the same disks in {time.monotonic() - t0:.1f}s"
-                )
-                if self.events is not None:
-                    self.events("reset", reason)
-                self.qmp.cmd("cont")
                 self._changed.notify_all()
 
     def _settled_proc(self) -> OwnedProcess | None:
