@@ -1,11 +1,13 @@
-"""Fixtures shared by the suites: a second device booted with a config.json set before its first boot."""
+"""Fixtures shared by the suites: a second device booted with a config.json set before its first
+boot, and one reboot shared by the checks about what a reboot keeps or applies."""
 
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -99,3 +101,79 @@ def configured(lab_network: LabNetwork, dut_factory: Callable[..., DUT], extra_k
         lab=lab_network,
     )
     return Configured(device, extra_key, config, lab_network)
+
+
+# -- one reboot for every check about what a reboot keeps or applies ------------------------
+Prepare = Callable[[DUT], Any]
+
+
+@dataclass
+class RebootRound:
+    """The device after the one reboot that the checks marked ``reboot_round`` share.
+
+    A check about what survives a reboot (or what a reboot applies) is marked
+    ``@pytest.mark.reboot_round(prepare=f)``. Before the reboot, ``f(dut)`` makes the
+    check's change and returns what the check needs afterwards; the check gets it back with
+    ``before(prepare)``. A cold boot costs more than all those checks together, so they
+    share one reboot; they run after every other check (see ``pytest_collection_modifyitems``),
+    so their changes reach no other check. A prepare that fails fails its own check only.
+    """
+
+    dut: DUT
+    prepared: dict[Prepare, Any] = field(default_factory=dict)
+
+    def before(self, prepare: Prepare) -> Any:
+        """What ``prepare`` returned before the reboot; raises what it raised."""
+        if prepare not in self.prepared:
+            raise LookupError(f"{prepare.__name__} is not a prepare of this run's reboot round: mark the check with it")
+        outcome = self.prepared[prepare]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def _round_prepares(items: list[pytest.Item]) -> list[Prepare]:
+    prepares: list[Prepare] = []
+    for item in items:
+        marker = item.get_closest_marker("reboot_round")
+        prepare = marker.kwargs.get("prepare") if marker is not None else None
+        if prepare is not None and prepare not in prepares:
+            prepares.append(prepare)
+    return prepares
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "reboot_round(prepare=f): the check shares the session's one reboot; f(dut) runs before it",
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The reboot round's checks run last: their changes (config.json edits, markers) stay theirs."""
+    items.sort(key=lambda item: item.get_closest_marker("reboot_round") is not None)
+
+
+@pytest.fixture(scope="session")
+def reboot_round(request: pytest.FixtureRequest) -> RebootRound:
+    """Run the prepares of this run's marked checks, reboot once, and hand over the device.
+
+    The device is ``configured`` (its persistentLogging is what the journal check needs).
+    Where no second device can be booted (one board), it is the session's device, restored
+    to its first boot; checks that need ``configured``'s config then skip in their prepare.
+    """
+    try:
+        dut = request.getfixturevalue("configured").dut
+    except pytest.skip.Exception:
+        dut = request.getfixturevalue("dut")
+        dut.restore("ready")
+    round_ = RebootRound(dut)
+    for prepare in _round_prepares(request.session.items):
+        try:
+            round_.prepared[prepare] = prepare(dut)
+        except (Exception, pytest.skip.Exception, pytest.fail.Exception) as exc:  # noqa: BLE001 - kept for its check
+            round_.prepared[prepare] = exc
+    dut.run("sync", check=True)
+    dut.reboot()
+    return round_

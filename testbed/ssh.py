@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +23,9 @@ logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 
 METHODS = ("none", "publickey", "password")
+# How SSH readiness is probed (see SshClient._answering_socket).
+PROBE_EVERY = 2.0
+PROBE_KEEP = 2
 
 
 class AuthRefused(DutError):
@@ -56,15 +62,21 @@ class SshClient:
         self.key = key
         self.transport: paramiko.Transport | None = None
         self.auth_method = ""
+        self._idle = threading.Event()  # never set: paces SSH probes when all were refused
 
     # -- connection --------------------------------------------------------------------
     def connected(self) -> bool:
         return self.transport is not None and self.transport.is_active() and self.transport.is_authenticated()
 
-    def connect_once(self, timeout: float = 10.0, methods: tuple[str, ...] = METHODS) -> None:
-        """One attempt: TCP, banner, key exchange, authentication. Raises on any failure."""
+    def connect_once(
+        self, timeout: float = 10.0, methods: tuple[str, ...] = METHODS, abort: Callable[[], None] | None = None
+    ) -> None:
+        """One attempt: TCP, banner, key exchange, authentication. Raises on any failure.
+
+        ``abort`` runs while waiting for the banner and raises to stop early.
+        """
         self.close()
-        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        sock = self._answering_socket(timeout, abort)
         # Without TCP_NODELAY every exec round trip waits for Nagle (about 40 ms more).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(sock)
@@ -79,6 +91,63 @@ class SshClient:
         self.transport = transport
         self._authenticate(transport, methods)
         transport.set_keepalive(15)
+
+    def _answering_socket(self, timeout: float, abort: Callable[[], None] | None = None) -> socket.socket:
+        """A TCP connection to the server on which its first bytes (the SSH banner) wait.
+
+        A user-mode port forward (QEMU's) accepts the host side at once, before the guest
+        listens, and holds that connection while its SYN to the guest goes unanswered (the
+        guest's NIC not up yet) and backs off: one connection opened early can sit many
+        seconds after sshd is up. So a new connection is opened every ``PROBE_EVERY``
+        seconds, the last ``PROBE_KEEP`` of them stay open, and the first to have bytes to
+        read is the one used. Few are kept: each one the server accepts costs it a process.
+        """
+        family, kind, proto, _, address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+        deadline = time.monotonic() + timeout
+        probes: list[socket.socket] = []
+        last_error = "no answer"
+        next_probe = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError(f"no SSH banner from {self.host}:{self.port} within {timeout:g}s ({last_error})")
+                if now >= next_probe:
+                    if abort is not None:
+                        abort()
+                    probe = socket.socket(family, kind, proto)
+                    probe.setblocking(False)
+                    code = probe.connect_ex(address)
+                    if code not in (0, errno.EINPROGRESS):
+                        probe.close()
+                        last_error = os.strerror(code)
+                    else:
+                        probes.append(probe)
+                        while len(probes) > PROBE_KEEP:
+                            probes.pop(0).close()
+                    next_probe = now + PROBE_EVERY
+                wait = max(0.0, min(next_probe, deadline) - time.monotonic())
+                if not probes:  # every probe refused: the next one is due in ``wait`` seconds
+                    self._idle.wait(wait)
+                    continue
+                readable, _, _ = select.select(probes, [], [], wait)
+                for probe in readable:
+                    try:
+                        first = probe.recv(1, socket.MSG_PEEK)
+                    except OSError as exc:
+                        first, last_error = b"", exc.strerror or str(exc)
+                    else:
+                        last_error = last_error if first else "closed before the banner"
+                    if first:
+                        probes.remove(probe)
+                        probe.setblocking(True)
+                        probe.settimeout(timeout)
+                        return probe
+                    probes.remove(probe)
+                    probe.close()
+        finally:
+            for probe in probes:
+                probe.close()
 
     def _authenticate(self, transport: paramiko.Transport, methods: tuple[str, ...]) -> None:
         tried: list[str] = []
@@ -121,7 +190,7 @@ class SshClient:
 
         def attempt() -> bool:
             try:
-                self.connect_once(timeout=min(10.0, timeout))
+                self.connect_once(timeout=min(10.0, timeout), abort=abort)
                 return True
             except AuthRefused:
                 raise

@@ -74,7 +74,11 @@ def test_board_profiles_load() -> None:
 
 
 def test_a_misspelled_board_key_is_named_with_the_fix(tmp_path: Path) -> None:
-    text = (REPO / "device_profiles" / "raspberrypi4-64.yaml").read_text().replace("    baudrate: 115200", "    baud: 115200")
+    text = (
+        (REPO / "device_profiles" / "raspberrypi4-64.yaml")
+        .read_text()
+        .replace("    baudrate: 115200", "    baud: 115200")
+    )
     path = tmp_path / "raspberrypi4-64.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"unknown key 'board.serial.baud' \(did you mean 'baudrate'\?\)"):

@@ -137,25 +137,32 @@ DEFECTS = {
         run=["suites/modes", "--mode", "production"],
         fails={"test_engine_api_matches_mode": "production mode must not listen on 2375"},
     ),
-    "config-hostname-ignored": Defect(
+    # Four defects on one image, to keep the boots few (the session's device, the configured
+    # one and the shared reboot): config.json's hostname ignored, the journal not persisted,
+    # dnsServers "null" taken for a server name, and a state path not bind-mounted. Each
+    # check must name its own defect; the checks none of them touches must pass.
+    "config-json-and-state-defects": Defect(
         edits=[
-            root_file(CONFIG_JSON_SCRIPT, 'want="${cfg_hostname:-${DEFAULT_HOSTNAME}}"', 'want="${DEFAULT_HOSTNAME}"')
-        ],
-        run=["suites/config", "-k", "before_boot"],
-        fails={"test_hostname_set_before_boot": "tb-configured"},
-    ),
-    # Two config-json defects on one image: the journal not persisted, and dnsServers "null"
-    # taken for a server name.
-    "journal-not-persisted-dns-null-as-a-server": Defect(
-        edits=[
+            root_file(CONFIG_JSON_SCRIPT, 'want="${cfg_hostname:-${DEFAULT_HOSTNAME}}"', 'want="${DEFAULT_HOSTNAME}"'),
             root_file(CONFIG_JSON_SCRIPT, 'if [ "${cfg_logging}" = true ]; then', "if false; then"),
             root_file(CONFIG_JSON_SCRIPT, "[ \"${cfg_dns}\" = null ] && cfg_dns=''", ": dnsServers null kept"),
+            root_file("/etc/state-binds", "/var/lib/chrony\n", ""),
         ],
-        run=["suites/logging", "suites/config", "-k", "journal or null"],
+        run=[
+            "suites/config",
+            "suites/logging",
+            "suites/rootfs",
+            "-k",
+            "before_boot or edits or journal or null or survive or bind_mounts or read_only",
+        ],  # fmt: skip
         fails={
+            "test_hostname_set_before_boot": "tb-configured",
+            "test_edits_on_the_device_apply_after_a_reboot": "hostname",
             "test_persistent_journal_is_on_resin_data_within_limit": "/var/log/journal must come from resin-data",
             "test_persistent_journal_survives_a_reboot": "must keep earlier boots",
             "test_dns_servers_null_adds_no_server": 'dnsServers "null" must add no server',
+            "test_persistent_paths_are_bind_mounts_from_resin_state": "/var/lib/chrony",
+            "test_persistent_paths_survive_a_reboot": "/var/lib/chrony",
         },
     ),
     # Three defects of the farm checks on one image, to keep the boots few: each check must name
@@ -178,18 +185,15 @@ DEFECTS = {
         },
         profile={"ntp_sync": 20},
     ),
-    "state-path-not-bind-mounted": Defect(
-        edits=[root_file("/etc/state-binds", "/var/lib/chrony\n", "")],
-        run=["suites/rootfs", "-k", "bind_mounts or read_only"],
-        fails={"test_persistent_paths_are_bind_mounts_from_resin_state": "/var/lib/chrony"},
-    ),
 }
 
 
 # The hup suite's proofs, run by tests/test_hup.py (they need the update bundle).
 HUP_DEFECTS = {
     "grub-never-falls-back": Defect(
-        edits=[boot_file("/EFI/BOOT/grub.cfg", 'if [ "${bootcount}" -ge 2 ]; then', 'if [ "${bootcount}" -ge 99 ]; then')],
+        edits=[
+            boot_file("/EFI/BOOT/grub.cfg", 'if [ "${bootcount}" -ge 2 ]; then', 'if [ "${bootcount}" -ge 99 ]; then')
+        ],
         run=["suites/hup", "-k", "does_not_boot", "--hup-power-cuts", "0"],
         fails={"test_rollback_when_the_new_root_does_not_boot": "the kernel started 3 times"},
     ),

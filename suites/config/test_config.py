@@ -1,8 +1,8 @@
 """config.json: each key the image applies, set before the first boot and edited on the device.
 
 The device under ``configured`` booted with hostname, dnsServers, ntpServers, persistentLogging
-and an extra os.sshKeys entry written into its boot partition; the session's device has its
-config.json edited in place and is rebooted.
+and an extra os.sshKeys entry written into its boot partition. Edits of config.json on a running
+device are checked after the session's shared reboot (see ``RebootRound``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import shlex
 
-from suites.conftest import CONFIGURED, Configured
+import pytest
+
+from suites.conftest import CONFIGURED, Configured, RebootRound
 from testbed.dut import DUT
 
 
@@ -53,25 +55,31 @@ def test_ntp_servers_set_before_boot_reach_chrony(configured: Configured) -> Non
     assert not missing, f"config.json ntpServers {missing} are not chrony sources; `chronyc -n sources`:\n{sources}"
 
 
-def test_edits_on_the_device_apply_after_a_reboot(fresh_dut: DUT) -> None:
-    dut = fresh_dut
-    edits = {"hostname": "tb-edited", "ntpServers": "192.0.2.124", "dnsServers": "192.0.2.54"}
-    jq = " | ".join(f".{k} = {json.dumps(v)}" for k, v in edits.items())
+EDITS = {"hostname": "tb-edited", "ntpServers": "192.0.2.124", "dnsServers": "192.0.2.54"}
+
+
+def _edit_config_json(dut: DUT) -> None:
+    jq = " | ".join(f".{k} = {json.dumps(v)}" for k, v in EDITS.items())
     dut.run(
         f"jq {shlex.quote(jq)} /mnt/boot/config.json > /mnt/boot/config.json.new && "
         "mv /mnt/boot/config.json.new /mnt/boot/config.json && sync",
         check=True,
     )
-    dut.reboot()
+
+
+@pytest.mark.reboot_round(prepare=_edit_config_json)
+def test_edits_on_the_device_apply_after_a_reboot(reboot_round: RebootRound) -> None:
+    reboot_round.before(_edit_config_json)
+    dut = reboot_round.dut
     problems = []
     running, stored = _hostname(dut)
-    if (running, stored) != (edits["hostname"], edits["hostname"]):
+    if (running, stored) != (EDITS["hostname"], EDITS["hostname"]):
         problems.append(f"hostname: `hostname` {running!r}, /etc/hostname {stored!r}")
-    if edits["ntpServers"] not in _chrony_sources(dut):
-        problems.append(f"ntpServers {edits['ntpServers']} not among chrony sources")
-    if f"server={edits['dnsServers']}" not in dut.run("cat /run/dnsmasq.servers").stdout:
-        problems.append(f"dnsServers {edits['dnsServers']} not in /run/dnsmasq.servers")
-    assert not problems, f"after editing /mnt/boot/config.json ({edits}) and rebooting: " + "; ".join(problems)
+    if EDITS["ntpServers"] not in _chrony_sources(dut):
+        problems.append(f"ntpServers {EDITS['ntpServers']} not among chrony sources")
+    if f"server={EDITS['dnsServers']}" not in dut.run("cat /run/dnsmasq.servers").stdout:
+        problems.append(f"dnsServers {EDITS['dnsServers']} not in /run/dnsmasq.servers")
+    assert not problems, f"after editing /mnt/boot/config.json ({EDITS}) and rebooting: " + "; ".join(problems)
 
 
 def test_dns_servers_null_adds_no_server(fresh_dut: DUT) -> None:

@@ -69,7 +69,7 @@ class Hup:
         return self.version(f"{INACTIVE}/usr/lib/os-release")
 
     def version(self, path: str = "/etc/os-release") -> str:
-        out = self.dut.run(f". {shlex.quote(path)} && echo \"$VERSION_ID\"", check=True).stdout.strip()
+        out = self.dut.run(f'. {shlex.quote(path)} && echo "$VERSION_ID"', check=True).stdout.strip()
         if not out:
             raise DutError(f"{path} on {self.dut.name} has no VERSION_ID")
         return out

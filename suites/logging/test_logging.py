@@ -1,5 +1,5 @@
 """Logging: an 8 MB journal in RAM by default; with persistentLogging, up to 32 MB on resin-data,
-kept across reboots."""
+kept across reboots (checked in the session's shared reboot, see ``RebootRound``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from suites.conftest import Configured
+from suites.conftest import Configured, RebootRound
 from testbed.dut import DUT
 from testbed.profile import Profile
 
@@ -52,11 +52,18 @@ def test_persistent_journal_is_on_resin_data_within_limit(configured: Configured
     )
 
 
-def test_persistent_journal_survives_a_reboot(configured: Configured) -> None:
-    dut = configured.dut
+def _log_a_marker(dut: DUT) -> str:
+    if dut.config.get("persistentLogging") not in (True, "true"):
+        pytest.skip(f"{dut.name}'s config.json does not enable persistentLogging (no second device to boot with it)")
     marker = "testbed-journal-marker-" + dut.boot_id()[:8]
     dut.run(f"logger {marker} && journalctl --sync", check=True)
-    dut.reboot()
+    return marker
+
+
+@pytest.mark.reboot_round(prepare=_log_a_marker)
+def test_persistent_journal_survives_a_reboot(reboot_round: RebootRound) -> None:
+    marker = reboot_round.before(_log_a_marker)
+    dut = reboot_round.dut
     boots = dut.run("journalctl --list-boots --no-pager | wc -l").stdout.strip()
     found = dut.run(f"journalctl --no-pager -o cat -g {marker} | head -n 1").stdout.strip()
     assert int(boots or 0) >= 2 and marker in found, (
