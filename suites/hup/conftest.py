@@ -23,6 +23,7 @@ TRIGGERED = ("rollback-health-triggered", "rollback-altboot-triggered")
 # seconds, not the image's default minutes.
 HEALTH_VARIABLES = "COUNT=3\nTIMEOUT=5\n"
 INACTIVE = "/mnt/sysroot/inactive"
+CANARY = "/mnt/data/hup-canary"  # written before the update, checked after it
 
 
 @pytest.fixture(scope="session")
@@ -121,10 +122,15 @@ def hup(dut_factory: Callable[..., DUT], hup_bundle: Path, device_profile: Profi
 
 @pytest.fixture(scope="session")
 def updated(hup: Hup) -> Hup:
-    """``hup`` with a snapshot "hup-updated": the update written, not yet booted."""
+    """``hup`` with a snapshot "hup-updated": the update written, not yet booted.
+
+    Before the update a canary file and its checksum go to resin-data (``CANARY``): the
+    update test checks them after the reboot into the new root.
+    """
     device = hup.fresh()
     import time
 
+    device.run(f"head -c 4M /dev/urandom > {CANARY} && sha256sum {CANARY} > {CANARY}.sha256 && sync", check=True)
     t0 = time.monotonic()
     hup.new_version = hup.update()
     hup.update_s = time.monotonic() - t0
