@@ -140,6 +140,30 @@ def _firmware_paths(settings: QemuSettings, source: Path | None) -> tuple[Path, 
     return code, vars_
 
 
+def machine_argv(
+    s: QemuSettings, accel: str, name: str, code: Path, vars_drive: str, disk_drive: str, nic_netdev: str
+) -> list[str]:
+    """The QEMU command line that a device type's profile defines, shared by the QEMU device and
+    the virtual bench's board: machine, accelerator, CPU, memory, firmware, the boot disk and the
+    first NIC. ``vars_drive`` and ``disk_drive`` are the ``-drive`` options after ``if=``/``id=``
+    (format, file, cache), ``nic_netdev`` the first NIC's ``-netdev``. Each caller adds its own
+    console, monitors and extra devices.
+    """
+    disk_dev = {"virtio": "virtio-blk-pci", "nvme": "nvme,serial=testbed0", "ide": "ide-hd"}[s.disk_interface]
+    cpu = "host" if accel == "kvm" else s.cpu
+    return [
+        s.binary, "-name", name, "-nodefaults", "-no-user-config",
+        "-machine", s.machine, "-accel", accel, "-cpu", cpu, "-m", str(s.memory_mib), "-smp", str(s.cpus),
+        "-display", "none", "-vga", "std",
+        "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+        "-drive", f"if=pflash,{vars_drive}",
+        "-drive", f"if=none,id=disk0,{disk_drive}",
+        "-device", f"{disk_dev},drive=disk0,bootindex=0",
+        "-netdev", f"{nic_netdev},id=net0",
+        "-device", f"{s.nic},netdev=net0",
+    ]  # fmt: skip
+
+
 def probe_accel(profile: Profile, timeout: float | None = None) -> tuple[str, str]:
     """Choose the accelerator: the first of the profile's list that really runs a guest.
 
@@ -308,25 +332,22 @@ class QemuMachine:
         s = self.settings
         code, _ = _firmware_paths(s, self.profile.source)
         hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{f.host_port}-:{f.guest_port}" for f in self.forwards.values())
-        disk_dev = {"virtio": "virtio-blk-pci", "nvme": "nvme,serial=testbed0", "ide": "ide-hd"}[s.disk_interface]
-        cpu = "host" if self.accel == "kvm" else s.cpu
         return [
-            s.binary, "-name", f"testbed-{self.profile.name}", "-nodefaults", "-no-user-config", "-S",
-            "-machine", s.machine, "-accel", self.accel, "-cpu", cpu, "-m", str(s.memory_mib), "-smp", str(s.cpus),
-            "-display", "none", "-vga", "std",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
-            # The firmware variables are rewritten at every boot: host flushes for them (one per
-            # word the firmware writes, with qcow2's metadata ordering) would buy nothing.
-            "-drive", f"if=pflash,format=qcow2,file={self.vars},cache=unsafe",
-            # cache=unsafe: a guest flush still writes QEMU's cached qcow2 metadata to the host
-            # file, so a power cut (QEMU killed) loses what a disk with a volatile cache would;
-            # only the host's own fsync is skipped, which matters if the host loses power. With
-            # it (cache=writeback) a reboot after a snapshot waited minutes on the host disk.
-            "-drive", f"if=none,id=disk0,format=qcow2,file={self.overlay},cache=unsafe,discard=unmap",
-            "-device", f"{disk_dev},drive=disk0,bootindex=0",
+            *machine_argv(
+                s, self.accel, f"testbed-{self.profile.name}", code,
+                # The firmware variables are rewritten at every boot: host flushes for them (one
+                # per word the firmware writes, with qcow2's metadata ordering) would buy nothing.
+                vars_drive=f"format=qcow2,file={self.vars},cache=unsafe",
+                # cache=unsafe: a guest flush still writes QEMU's cached qcow2 metadata to the
+                # host file, so a power cut (QEMU killed) loses what a disk with a volatile cache
+                # would; only the host's own fsync is skipped, which matters if the host loses
+                # power. With it (cache=writeback) a reboot after a snapshot waited minutes on
+                # the host disk.
+                disk_drive=f"format=qcow2,file={self.overlay},cache=unsafe,discard=unmap",
+                nic_netdev=",".join(filter(None, ("user", hostfwd))),
+            ),
+            "-S",
             *self._media_args(),
-            "-netdev", f"user,id=net0,{hostfwd}",
-            "-device", f"{s.nic},netdev=net0",
             *self._lab_nic_args(),
             # Connected sockets, handed over: the QMP client, a second monitor for events only
             # (read by the supervisor thread), and the serial line.

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import ConfigError, InfraError
-from testbed.machines.qemu import _firmware_paths, probe_accel
+from testbed.machines.qemu import _firmware_paths, machine_argv, probe_accel
 from testbed.power.emulator import RelayEmulator
 from testbed.profile import BoardSettings, BoardSshSettings, Profile, SerialSettings
 from testbed.util import OwnedProcess, free_port, listening_unix_socket, private_dir, require_tool
@@ -348,27 +348,23 @@ class VirtualBench:
             self._kill_qemu()
 
     def argv(self, serial_fd: int) -> list[str]:
-        s = self.qemu
         assert self.disk is not None
         hostfwd = (
             f"hostfwd=tcp:127.0.0.1:{self.ports['ssh']}-:{self.profile.ssh.port},"
             f"hostfwd=tcp:127.0.0.1:{self.ports['engine']}-:{self.profile.dev.engine_port}"
         )
-        disk_dev = {"virtio": "virtio-blk-pci", "nvme": "nvme,serial=testbed0", "ide": "ide-hd"}[s.disk_interface]
-        cpu = "host" if self.accel == "kvm" else s.cpu
+        # A board's own disk and firmware store: raw, written in place, no snapshots. A reset
+        # resets the machine in place, as it does on a board.
         return [
-            s.binary, "-name", f"testbed-bench-{self.profile.name}", "-nodefaults", "-no-user-config",
-            "-machine", s.machine, "-accel", self.accel, "-cpu", cpu, "-m", str(s.memory_mib), "-smp", str(s.cpus),
-            "-display", "none", "-vga", "std",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={self.firmware_code}",
-            "-drive", f"if=pflash,format=raw,file={self.vars}",
-            "-drive", f"if=none,id=disk0,format=raw,file={self.disk.path},discard=unmap",
-            "-device", f"{disk_dev},drive=disk0,bootindex=0",
-            "-netdev", f"user,id=net0,{hostfwd}",
-            "-device", f"{s.nic},netdev=net0",
+            *machine_argv(
+                self.qemu, self.accel, f"testbed-bench-{self.profile.name}", self.firmware_code,
+                vars_drive=f"format=raw,file={self.vars}",
+                disk_drive=f"format=raw,file={self.disk.path},discard=unmap",
+                nic_netdev=f"user,{hostfwd}",
+            ),
             "-chardev", f"socket,id=ser0,fd={serial_fd},server=on,wait=off",
             "-serial", "chardev:ser0",
-            *s.extra_args,
+            *self.qemu.extra_args,
         ]  # fmt: skip
 
     def _start_qemu(self) -> None:
