@@ -1,0 +1,102 @@
+"""SSH readiness probing against a real TCP server that behaves like QEMU's user-mode forward:
+it accepts every connection at once, but a connection made before the "guest" is up never
+hears a banner. The probe must not wait on that connection; it must use a later one."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from testbed import ssh
+from testbed.ssh import SshClient
+
+BANNER = b"SSH-2.0-testbed-probe\r\n"
+
+
+class HoldingForward:
+    """Accepts on loopback. The first ``silent`` connections are held open and never answered
+    (their SYN "lost" in the guest); every later one gets an SSH banner at once."""
+
+    def __init__(self, silent: int) -> None:
+        self.silent = silent
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.answered: list[int] = []  # indexes of the connections that got a banner
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+            if len(self.accepted) > self.silent:
+                conn.sendall(BANNER)
+                self.answered.append(len(self.accepted) - 1)
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def forward():
+    made: list[HoldingForward] = []
+
+    def make(silent: int) -> HoldingForward:
+        made.append(HoldingForward(silent))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def test_a_connection_held_without_a_banner_does_not_hold_up_the_probe(forward) -> None:
+    fwd = forward(silent=1)
+    client = SshClient("127.0.0.1", fwd.port, "root")
+    sock = client._answering_socket(timeout=3 * ssh.PROBE_EVERY)
+    try:
+        assert sock.recv(len(BANNER), socket.MSG_PEEK) == BANNER
+        # The first connection was held silent; the one handed over is a later one.
+        assert len(fwd.accepted) >= 2 and fwd.answered and fwd.answered[0] >= 1
+    finally:
+        sock.close()
+
+
+def test_no_banner_at_all_times_out_naming_the_endpoint(forward) -> None:
+    fwd = forward(silent=1000)
+    client = SshClient("127.0.0.1", fwd.port, "root")
+    with pytest.raises(TimeoutError, match=f"no SSH banner from 127.0.0.1:{fwd.port}"):
+        client._answering_socket(timeout=1.5 * ssh.PROBE_EVERY)
+    # The probe was renewed, not left waiting on the first connection.
+    assert len(fwd.accepted) >= 2
+
+
+def test_a_refused_port_is_retried_until_the_timeout(forward) -> None:
+    fwd = forward(silent=0)
+    port = fwd.port
+    fwd.close()  # nothing listens there any more: every probe is refused
+    client = SshClient("127.0.0.1", port, "root")
+    with pytest.raises(TimeoutError, match="refused"):
+        client._answering_socket(timeout=1.5 * ssh.PROBE_EVERY)
+
+
+def test_abort_stops_the_probe(forward) -> None:
+    fwd = forward(silent=1000)
+    client = SshClient("127.0.0.1", fwd.port, "root")
+
+    class Stop(Exception):
+        pass
+
+    def abort() -> None:
+        raise Stop("the machine died")
+
+    with pytest.raises(Stop):
+        client._answering_socket(timeout=30, abort=abort)
