@@ -15,8 +15,10 @@ def _install(session: nox.Session, *extra: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The project's own tests, including real boots of the reference image on QEMU."""
-    # The board drivers' optional packages that install from wheels (gpiod needs a compiler).
+    # The board drivers' optional packages, from wheels only: gpiod's source build needs a
+    # compiler, so where PyPI has no gpiod wheel for this Python its one test says so and skips.
     _install(session, "-e", ".", "zstandard", "hidapi", "usbsdmux")
+    session.install("--only-binary=:all:", "gpiod>=2", success_codes=[0, 1])
     session.run("pytest", "tests", *session.posargs)
 
 
