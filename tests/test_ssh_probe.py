@@ -40,6 +40,12 @@ class HoldingForward:
                 self.answered.append(len(self.accepted) - 1)
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would leave the
+        # socket listening until that accept() returns (it holds the kernel's reference).
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.server.close()
         for conn in self.accepted:
             conn.close()
@@ -79,13 +85,15 @@ def test_no_banner_at_all_times_out_naming_the_endpoint(forward) -> None:
     assert len(fwd.accepted) >= 2
 
 
-def test_a_refused_port_is_retried_until_the_timeout(forward) -> None:
-    fwd = forward(silent=0)
-    port = fwd.port
-    fwd.close()  # nothing listens there any more: every probe is refused
-    client = SshClient("127.0.0.1", port, "root")
-    with pytest.raises(TimeoutError, match="refused"):
-        client._answering_socket(timeout=1.5 * ssh.PROBE_EVERY)
+def test_a_refused_port_is_retried_until_the_timeout() -> None:
+    # A port bound but not listening refuses every connection, and stays ours for the test
+    # (a port merely closed could be taken by another process meanwhile).
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        client = SshClient("127.0.0.1", port, "root")
+        with pytest.raises(TimeoutError, match="refused"):
+            client._answering_socket(timeout=1.5 * ssh.PROBE_EVERY)
 
 
 def test_abort_stops_the_probe(forward) -> None:
