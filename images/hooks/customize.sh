@@ -77,9 +77,17 @@ for unit in dev-hugepages.mount dev-mqueue.mount sys-fs-fuse-connections.mount \
 	proc-sys-fs-binfmt_misc.automount systemd-binfmt.service \
 	kmod-static-nodes.service modprobe@.service systemd-remount-fs.service \
 	systemd-update-utmp.service systemd-update-utmp-runlevel.service \
-	systemd-hostnamed.service; do
+	systemd-hostnamed.service systemd-logind.service \
+	NetworkManager-dispatcher.service; do
 	ln -sfn /dev/null "${root}/etc/systemd/system/${unit}"
 done
+# No logind: logins need no session tracking here (see pam_systemd below).
+# No NetworkManager dispatcher: its scripts (ifupdown's run-parts, chrony's
+# on/offline and DHCP NTP servers) ran at every link event for about 5 s of
+# CPU per boot; NTP servers come from config.json only.
+rm -f "${root}/etc/systemd/system/dbus-org.freedesktop.nm-dispatcher.service" \
+	"${root}/etc/NetworkManager/dispatcher.d/01-ifupdown" \
+	"${root}"/usr/lib/NetworkManager/dispatcher.d/20-chrony-*
 # Only the fstab and debug generators run. In particular gettys run only in
 # development mode (development-mode.target), never generated ones.
 mkdir -p "${root}/etc/systemd/system-generators"
