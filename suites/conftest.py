@@ -13,6 +13,7 @@ import paramiko
 import pytest
 
 from testbed.dut import DUT
+from testbed.errors import DutError, InfraError
 from testbed.lab import network as lab
 from testbed.lab.network import LabNetwork
 
@@ -66,13 +67,24 @@ class Configured:
     """A device whose config.json was set before its first boot, and the extra key it lists.
 
     Its second NIC is on the farm's lab network (``lab``), whose DNS and NTP servers its
-    config.json names.
+    config.json names. The device boots while other checks run: ``dut`` waits for it the
+    first time it is used.
     """
 
-    dut: DUT
+    device: DUT
     extra_key: paramiko.PKey
     config: dict[str, object]
     lab: LabNetwork
+    on_ready: Callable[[DUT], None] = lambda device: None
+    _ready: bool = False
+
+    @property
+    def dut(self) -> DUT:
+        if not self._ready:
+            self.device.finish_power_on()
+            self._ready = True
+            self.on_ready(self.device)
+        return self.device
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +95,9 @@ def extra_key(tmp_path_factory: pytest.TempPathFactory) -> paramiko.PKey:
 
 
 @pytest.fixture(scope="session")
-def configured(lab_network: LabNetwork, dut_factory: Callable[..., DUT], extra_key: paramiko.PKey) -> Configured:
+def configured(
+    lab_network: LabNetwork, dut_factory: Callable[..., DUT], extra_key: paramiko.PKey, testbed_state
+) -> Configured:
     """One more boot, with every config.json key the image applies set to a checkable value,
     and a second NIC on the farm's lab network.
 
@@ -99,8 +113,75 @@ def configured(lab_network: LabNetwork, dut_factory: Callable[..., DUT], extra_k
             f"/system-connections/{UPLINK_NAME}.nmconnection": UPLINK_FILE,
         },
         lab=lab_network,
+        wait=False,
     )
-    return Configured(device, extra_key, config, lab_network)
+
+    def on_ready(device: DUT) -> None:
+        if not testbed_state.facts:  # the report's device facts, when no session ``dut`` booted
+            testbed_state.facts = device.facts()
+
+    return Configured(device, extra_key, config, lab_network, on_ready)
+
+
+def _group(item: pytest.Item) -> int:
+    """Where a check runs: 0 needs no device, 1 uses ``configured``, 2 the session's ``dut``,
+    3 shares the reboot round (last: its changes, config.json edits and markers, stay its own)."""
+    if item.get_closest_marker("reboot_round") is not None:
+        return 3
+    names = set(getattr(item, "fixturenames", ()))
+    if "configured" in names:
+        return 1
+    return 2 if names & {"dut", "dut_booting"} else 0
+
+
+ROUND_STARTS_HERE = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Checks run in the order of ``_group``. With two devices the session uses both host cores:
+
+    - both devices start booting at the first check (``_devices_boot_early``);
+    - the checks on ``configured`` run as soon as it is up;
+    - then its reboot round starts (the prepares, then a reboot not waited for), and the
+      checks on ``dut`` run while it reboots (``_reboot_round_starts_early``);
+    - the round's checks come last.
+    """
+    items.sort(key=_group)
+    groups = [_group(item) for item in items]
+    if 1 in groups and 3 in groups and 2 in groups:
+        items[groups.index(2)].stash[ROUND_STARTS_HERE] = True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _devices_boot_early(request: pytest.FixtureRequest) -> None:
+    """When this run has checks on both devices, both start booting now, side by side: one boot
+    on an emulated CPU keeps about 1.5 of 2 host cores busy, and its waits (firmware, DHCP)
+    leave the rest idle. The checks wait for their device when they first use it."""
+    groups = {_group(item) for item in request.session.items}
+    if 1 not in groups or not groups & {2, 3}:
+        return
+    try:
+        request.getfixturevalue("configured")
+    except pytest.skip.Exception:
+        return  # no second device here (one board): its checks skip on their own
+    if 2 in groups:
+        request.getfixturevalue("dut_booting")
+
+
+@pytest.fixture(autouse=True)
+def _reboot_round_starts_early(request: pytest.FixtureRequest) -> None:
+    """At the first check on ``dut`` after the checks on ``configured``: start the reboot round."""
+    if request.node.stash.get(ROUND_STARTS_HERE, False):
+        try:
+            configured = request.getfixturevalue("configured")
+        except pytest.skip.Exception:
+            return  # the round then uses ``dut``, restored: only once no other check needs it
+        try:
+            configured.dut  # noqa: B018 - up, before its round's prepares run
+            request.getfixturevalue("reboot_round")
+        except (Exception, pytest.skip.Exception, pytest.fail.Exception):  # noqa: BLE001
+            pass  # not this check's failure: the checks that use them meet it again
 
 
 # -- one reboot for every check about what a reboot keeps or applies ------------------------
@@ -119,8 +200,27 @@ class RebootRound:
     so their changes reach no other check. A prepare that fails fails its own check only.
     """
 
-    dut: DUT
+    device: DUT
     prepared: dict[Prepare, Any] = field(default_factory=dict)
+    boot_id_before: str = ""
+    _outcome: BaseException | None = None
+    _ready: bool = False
+
+    @property
+    def dut(self) -> DUT:
+        """The device on its new boot: waits for the reboot the first time."""
+        if not self._ready and self._outcome is None:
+            try:
+                self.device.finish_power_on()
+                after = self.device.boot_id()
+                if after == self.boot_id_before:
+                    raise DutError(f"{self.device.name} did not reboot: boot_id is still {after}")
+                self._ready = True
+            except (DutError, InfraError) as exc:  # each check of the round fails with it; no second wait
+                self._outcome = exc
+        if self._outcome is not None:
+            raise self._outcome
+        return self.device
 
     def before(self, prepare: Prepare) -> Any:
         """What ``prepare`` returned before the reboot; raises what it raised."""
@@ -149,12 +249,6 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The reboot round's checks run last: their changes (config.json edits, markers) stay theirs."""
-    items.sort(key=lambda item: item.get_closest_marker("reboot_round") is not None)
-
-
 @pytest.fixture(scope="session")
 def reboot_round(request: pytest.FixtureRequest) -> RebootRound:
     """Run the prepares of this run's marked checks, reboot once, and hand over the device.
@@ -175,5 +269,6 @@ def reboot_round(request: pytest.FixtureRequest) -> RebootRound:
         except (Exception, pytest.skip.Exception, pytest.fail.Exception) as exc:  # noqa: BLE001 - kept for its check
             round_.prepared[prepare] = exc
     dut.run("sync", check=True)
-    dut.reboot()
+    round_.boot_id_before = dut.boot_id()
+    dut.start_reboot()  # the round's checks wait for the new boot (``RebootRound.dut``)
     return round_

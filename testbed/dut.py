@@ -347,6 +347,16 @@ class DUT:
         """
         return self._wait_boot("wait", time.monotonic(), None, timeout, max_boots, tolerate_panics)
 
+    def finish_power_on(self, **wait_options: Any) -> BootRecord:
+        """Wait for SSH after ``power_on(wait=False)``; the wait completes that boot's record
+        (its times count from the power on). ``wait_options`` are those of :meth:`wait_ready`."""
+        if not self.boots:
+            raise InfraError(f"{self.name} was never powered on")
+        record = self.boots[-1]
+        if record.ssh_ready_s is not None:
+            return record
+        return self._wait_boot(record.kind, record.started, record, **wait_options)
+
     def start_reboot(self) -> float:
         """Ask the OS to reboot and return once the old boot is over (not waiting for the new one)."""
         console = self.machine.console

@@ -273,10 +273,11 @@ def offline_evidence(testbed_state: TestbedState) -> OfflineEvidence:
 
 
 @pytest.fixture(scope="session")
-def dut(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
-    """The device under test, booted once for the session and snapshotted when ready.
+def dut_booting(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
+    """The session's device, powered on and not waited for: ``dut`` waits for it.
 
-    Tests that change the device should use ``fresh_dut`` (a snapshot restore).
+    Requesting this before ``dut`` lets the device boot while other work goes on (a suite
+    that also boots a second device starts both at once).
     """
     try:
         image = testbed_state.resolve_image()
@@ -298,17 +299,26 @@ def dut(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
     try:
         if device.machine.accel_note:
             testbed_state._say(f"{device.machine.accel_note}; using {device.machine.accel}")
-        boot = device.power_on()
-        testbed_state._say(
-            f"{device.name} ready over SSH {boot.ssh_ready_s:.1f}s after power on ({device.machine.accel})"
-        )
-        testbed_state.facts = device.facts()
-        device.save_snapshot("ready")
+        device.power_on(wait=False)
         yield device
     finally:
         if not testbed_state.facts:
             testbed_state.facts = device.machine.facts()
         device.close()
+
+
+@pytest.fixture(scope="session")
+def dut(testbed_state: TestbedState, dut_booting: DUT) -> DUT:
+    """The device under test, booted once for the session and snapshotted when ready.
+
+    Tests that change the device should use ``fresh_dut`` (a snapshot restore).
+    """
+    device = dut_booting
+    boot = device.finish_power_on()
+    testbed_state._say(f"{device.name} ready over SSH {boot.ssh_ready_s:.1f}s after power on ({device.machine.accel})")
+    testbed_state.facts = device.facts()
+    device.save_snapshot("ready")
+    return device
 
 
 @pytest.fixture(scope="session")
@@ -318,7 +328,9 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
     ``make(name, config_overrides={...}, boot_files={"/system-connections/x": b"..."}, lab=lab_network)``
     returns a booted DUT (its own overlay, console log ``console-<name>.log``; with ``lab``, a
     second NIC on the farm's lab network); all are closed at the end of the session. For
-    checks of what an image does with a config given before its first boot.
+    checks of what an image does with a config given before its first boot. With
+    ``wait=False`` the device is returned while it boots (``device.finish_power_on()`` waits),
+    so that it boots while something else runs.
     """
     board = device_profile.board
     if device_profile.kind == "board" and board is not None and board.bench != "virtual":
@@ -333,6 +345,7 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
         boot_files: dict[str, bytes] | None = None,
         media: dict[str, Path] | None = None,
         lab: LabNetwork | None = None,
+        wait: bool = True,
     ) -> DUT:
         image = testbed_state.resolve_image()
         run_dir = testbed_state.open_run()
@@ -350,7 +363,9 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
         )
         device.sink = testbed_state.evidence
         made.append(device)
-        device.power_on()
+        device.power_on(wait=wait)
+        if not wait:
+            return device  # booting: finish with device.finish_power_on()
         if not testbed_state.facts:
             # The report's device facts, when the session's own ``dut`` is not booted in this run.
             testbed_state.facts = device.facts()

@@ -8,6 +8,7 @@ before QEMU starts and handed over as file descriptors, so there is nothing to p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -55,6 +56,12 @@ class Qmp:
     """A thin synchronous QMP client (qemu.qmp) on an already connected socket."""
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
+        # qemu.qmp's synchronous shim runs on the creating thread's event loop, so two
+        # machines' clients would share one; a QEMU restarted from another thread then tried to
+        # run that loop while it was running ("coroutine 'wait_for' was never awaited"). Each
+        # client gets its own loop.
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
         self._mon = QEMUMonitorProtocol(sock)
         self._mon.settimeout(timeout)
         self._mon.connect()
@@ -86,7 +93,8 @@ class Qmp:
         try:
             self._mon.close()
         except Exception:  # noqa: BLE001 - QEMU may already be gone; closing must not fail.
-            pass
+            return  # the client's finaliser may still need its loop
+        self._loop.close()
 
 
 def _events_handshake(sock: socket.socket) -> None:
