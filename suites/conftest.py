@@ -134,6 +134,7 @@ def _group(item: pytest.Item) -> int:
     return 2 if names & {"dut", "dut_booting"} else 0
 
 
+BOOTS_START_HERE = pytest.StashKey[bool]()
 ROUND_STARTS_HERE = pytest.StashKey[bool]()
 
 
@@ -141,7 +142,8 @@ ROUND_STARTS_HERE = pytest.StashKey[bool]()
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Checks run in the order of ``_group``. With two devices the session uses both host cores:
 
-    - both devices start booting at the first check (``_devices_boot_early``);
+    - both devices start booting at the first check on ``configured`` (``_devices_boot_early``),
+      after the checks that need neither (offline checks, a suite with its own device);
     - the checks on ``configured`` run as soon as it is up;
     - then its reboot round starts (the prepares, then a reboot not waited for), and the
       checks on ``dut`` run while it reboots (``_reboot_round_starts_early``);
@@ -149,18 +151,21 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     """
     items.sort(key=_group)
     groups = [_group(item) for item in items]
+    if 1 in groups and (2 in groups or 3 in groups):
+        items[groups.index(1)].stash[BOOTS_START_HERE] = True
     if 1 in groups and 3 in groups and 2 in groups:
         items[groups.index(2)].stash[ROUND_STARTS_HERE] = True
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _devices_boot_early(request: pytest.FixtureRequest) -> None:
-    """When this run has checks on both devices, both start booting now, side by side: one boot
-    on an emulated CPU keeps about 1.5 of 2 host cores busy, and its waits (firmware, DHCP)
-    leave the rest idle. The checks wait for their device when they first use it."""
-    groups = {_group(item) for item in request.session.items}
-    if 1 not in groups or not groups & {2, 3}:
+    """At the first check on ``configured``, when the run also has checks on the session's
+    ``dut``: both start booting now, side by side. One boot on an emulated CPU keeps about 1.5 of
+    2 host cores busy, and its waits (firmware, DHCP) leave the rest idle. The checks wait for
+    their device when they first use it."""
+    if not request.node.stash.get(BOOTS_START_HERE, False):
         return
+    groups = {_group(item) for item in request.session.items}
     try:
         request.getfixturevalue("configured")
     except (Exception, pytest.skip.Exception):  # noqa: BLE001

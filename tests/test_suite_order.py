@@ -30,8 +30,12 @@ def order(items: list[Item]) -> list[str]:
     return [item.name for item in items]
 
 
+def flagged(items: list[Item], key: pytest.StashKey[bool]) -> list[str]:
+    return [item.name for item in items if item.stash.get(key, False)]
+
+
 def starts_round(items: list[Item]) -> list[str]:
-    return [item.name for item in items if item.stash.get(suites.ROUND_STARTS_HERE, False)]
+    return flagged(items, suites.ROUND_STARTS_HERE)
 
 
 def test_groups_run_offline_configured_dut_then_the_round() -> None:
@@ -53,7 +57,9 @@ def test_groups_run_offline_configured_dut_then_the_round() -> None:
         "edits_apply",
         "journal_survives",
     ]
-    # The reboot round starts when the checks on configured are done, before those on dut.
+    # Both devices start booting at the first check on configured; the reboot round starts
+    # when the checks on configured are done, before those on dut.
+    assert flagged(items, suites.BOOTS_START_HERE) == ["config_before_boot"]
     assert starts_round(items) == ["rootfs_read_only"]
 
 
@@ -69,3 +75,15 @@ def test_the_round_starts_early_only_beside_checks_on_both_devices(names: tuple[
     items = [Item(name, (name,), round_=name == "reboot_round") for name in names]
     order(items)
     assert starts_round(items) == []
+    # The two boots start together whenever configured and another device are both used.
+    assert flagged(items, suites.BOOTS_START_HERE) == (["configured"] if "configured" in names else [])
+
+
+def test_a_suite_with_its_own_device_runs_before_the_early_boots() -> None:
+    items = [
+        Item("dut_check", ("dut",)),
+        Item("hup_update", ("updated",)),
+        Item("config_check", ("configured",)),
+    ]
+    assert order(items) == ["hup_update", "config_check", "dut_check"]
+    assert flagged(items, suites.BOOTS_START_HERE) == ["config_check"]
