@@ -5,6 +5,7 @@ States: off -> booting -> ssh-ready. Tests talk to a DUT, never to QEMU or a ser
 
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 import time
@@ -32,6 +33,9 @@ _RUNNING_ROOT = (
     ' lsblk -no PARTLABEL "$(findmnt -no SOURCE /)"'
 )
 StageListener = Callable[[str, float | None, str], None]
+# How long after a power on or reboot SSH probes wait at most for the device's NIC to come up
+# (see DUT._network_gate): a guest that brings it up without telling QEMU is then probed anyway.
+NETWORK_HINT_LIMIT = 90.0
 
 
 @dataclass
@@ -323,7 +327,9 @@ class DUT:
                 )
 
         try:
-            self.ssh.wait_ready(timeout, abort=abort)
+            self.ssh.wait_ready(
+                timeout, abort=abort, reachable=None if kind == "restore" else self._network_gate(started)
+            )
         except DutError as exc:
             tail = self.machine.console.tail() if self.machine.console else ""
             raise DutError(
@@ -335,6 +341,24 @@ class DUT:
         self._stage("ssh ready", record.ssh_ready_s, f"{self.ssh.host}:{self.ssh.port}")
         self.state = "ssh-ready"
         return record
+
+    def _network_gate(self, started: float) -> Callable[[], str] | None:
+        """For the SSH wait of a boot: why the device cannot answer yet ("" once it can).
+
+        Where the machine shows when the guest brings its NIC up (QEMU with a virtio NIC),
+        SSH probes wait for that, so that no early probe costs the booting guest an sshd
+        process; after ``NETWORK_HINT_LIMIT`` seconds they go anyway.
+        """
+        network_up = getattr(self.machine, "network_up", None)
+        if network_up is None or network_up() is None:
+            return None
+
+        def why() -> str:
+            if network_up() or time.monotonic() - started > NETWORK_HINT_LIMIT:
+                return ""
+            return "the device has not brought its NIC up yet"
+
+        return why
 
     def wait_ready(
         self, timeout: float | None = None, max_boots: int | None = None, tolerate_panics: bool = False
@@ -421,6 +445,23 @@ class DUT:
         self._snapshot_console_logged_in[name] = bool(console and console.logged_in)
         self.ssh.wait_ready(self.profile.timeouts.restore_to_ssh, abort=self._abort_if_dead)
         return time.monotonic() - t0
+
+    def copy_to(self, other: DUT) -> None:
+        """Make ``other`` a twin of this device: its disks become a copy of this device's, with
+        every snapshot, and its config.json is this one's. ``other`` must come from the same
+        profile, image and media and never have been powered on; it starts from one of the
+        snapshots (``other.restore(name)``), so that two devices can share one set-up."""
+        copy_disks = getattr(self.machine, "copy_disks_to", None)
+        if copy_disks is None or not self.machine.snapshots:
+            raise ConfigError(f"{self.name}: a {self.machine.kind} device has no disks to copy (QEMU only)")
+        if other.state != "off" or other.boots:
+            raise InfraError(f"{other.name} was already powered on: only a new device can be a twin of {self.name}")
+        if (other.profile.name, other.image, other.media) != (self.profile.name, self.image, self.media):
+            raise InfraError(f"{other.name} has another profile, image or media than {self.name}: it cannot be a twin")
+        copy_disks(other.machine)
+        other.config = copy.deepcopy(self.config)
+        other.ssh.host, other.ssh.port = other._ssh_endpoint()
+        other._snapshot_console_logged_in = dict(self._snapshot_console_logged_in)
 
     def restore(self, name: str = "ready") -> BootRecord:
         """Return to a snapshot and wait until SSH answers again."""

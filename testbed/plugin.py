@@ -330,7 +330,9 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
     second NIC on the farm's lab network); all are closed at the end of the session. For
     checks of what an image does with a config given before its first boot. With
     ``wait=False`` the device is returned while it boots (``device.finish_power_on()`` waits),
-    so that it boots while something else runs.
+    so that it boots while something else runs. ``make(name, twin_of=device)`` returns a
+    device that is off, with a copy of ``device``'s disks, snapshots and config.json (QEMU
+    only): it starts with ``restore(snapshot)``, so a second device costs no boot and no set-up.
     """
     board = device_profile.board
     if device_profile.kind == "board" and board is not None and board.bench != "virtual":
@@ -346,10 +348,15 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
         media: dict[str, Path] | None = None,
         lab: LabNetwork | None = None,
         wait: bool = True,
+        twin_of: DUT | None = None,
     ) -> DUT:
         image = testbed_state.resolve_image()
         run_dir = testbed_state.open_run()
         overrides = {"developmentMode": mode == "development"} if mode else {}
+        if twin_of is not None:
+            if config_overrides or boot_files or media or lab:
+                raise InfraError(f"a twin of {twin_of.name} takes its config, boot files and media from it")
+            config_overrides, boot_files, media = twin_of.config_overrides, twin_of.boot_files, twin_of.media
         device = DUT(
             profile=device_profile,
             image=image,
@@ -363,6 +370,9 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
         )
         device.sink = testbed_state.evidence
         made.append(device)
+        if twin_of is not None:
+            twin_of.copy_to(device)
+            return device  # off: device.restore(snapshot) starts it
         device.power_on(wait=wait)
         if not wait:
             return device  # booting: finish with device.finish_power_on()

@@ -180,15 +180,25 @@ class SshClient:
                 f"(tried: {', '.join(tried) or 'nothing the server allows'}; server allows: {', '.join(allowed)})"
             )
 
-    def wait_ready(self, timeout: float, abort: Callable[[], None] | None = None) -> float:
+    def wait_ready(
+        self,
+        timeout: float,
+        abort: Callable[[], None] | None = None,
+        reachable: Callable[[], str] | None = None,
+    ) -> float:
         """Connect, retrying until the device's sshd answers and lets us in; return seconds taken.
 
         A refused login is final (the device answered; retrying would not help).
+        ``reachable`` holds the probes back while it returns why the device cannot answer yet
+        (its network is not up), and lets them go once it returns "".
         """
         t0 = time.monotonic()
         last: list[str] = [""]
 
         def attempt() -> bool:
+            if reachable is not None and (why := reachable()):
+                last[0] = why
+                return False
             try:
                 self.connect_once(timeout=min(10.0, timeout), abort=abort)
                 return True

@@ -35,7 +35,8 @@ def test_hup_suite_passes_on_the_reference_image(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, env=env, timeout=3000,
     )  # fmt: skip
     assert done.returncode == 0, f"the hup suite failed on the reference image:\n{done.stdout[-4000:]}"
-    report = json.loads((next(reports.glob("*/latest")) / "report.json").read_text())
+    run_dir = next(reports.glob("*/latest"))
+    report = json.loads((run_dir / "report.json").read_text())
     outcomes = {t["nodeid"].rsplit("::", 1)[1]: t["outcome"] for t in report["tests"]}
     assert outcomes == {
         "test_update_runs_the_new_root_and_keeps_data": "passed",
@@ -50,6 +51,9 @@ def test_hup_suite_passes_on_the_reference_image(tmp_path: Path) -> None:
     summary = next(n for n in notes if n.startswith("power-cut trials:"))
     ended = sum(int(n) for n in re.findall(r"(\d+) ended on resin-root[AB]", summary))
     assert ended == TRIALS, summary
+    # The trials ran on a twin of the hup device, with its own console log.
+    assert "on qemu-x86_64-hup-cuts" in summary, summary
+    assert "power on" in (run_dir / "console-hup-cuts.log").read_text(errors="replace")
     assert bundle.is_file() and oct(bundle.stat().st_mode & 0o777) == "0o444"
 
 

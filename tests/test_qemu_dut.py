@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from testbed.dut import DUT
@@ -37,6 +39,8 @@ def test_reboot_gives_a_new_boot(dut: DUT) -> None:
     record = dut.reboot()
     assert record.kind == "reboot"
     assert dut.boot_id() != before
+    # The guest's virtio NIC told QEMU it came up: the SSH probes of this boot waited for that.
+    assert dut.machine.network_up() is True
 
 
 def test_power_cycle_gives_a_new_boot_on_the_same_disk(dut: DUT) -> None:
@@ -61,3 +65,25 @@ def test_a_guest_power_off_stays_off_until_power_returns(dut: DUT) -> None:
         dut.machine.check_alive()
     dut.restore("ready")
     assert dut.run("true").ok
+
+
+def test_a_twin_starts_from_a_copy_of_the_device_and_its_snapshots(dut: DUT, dut_factory: Callable[..., DUT]) -> None:
+    dut.restore("ready")
+    dut.run("echo copied > /mnt/data/twin-marker && sync", check=True)
+    dut.save_snapshot("twin-source")
+    twin = dut_factory("twin", twin_of=dut)
+    assert twin.state == "off" and not twin.machine.is_on()
+    # The copy is the twin's own: what the device does from now on does not reach it.
+    dut.run("rm /mnt/data/twin-marker && echo later > /mnt/data/after-the-copy && sync", check=True)
+    boot = twin.restore("twin-source")
+    assert boot.kind == "restore"
+    assert twin.endpoint("ssh") != dut.endpoint("ssh")
+    assert twin.run("cat /mnt/data/twin-marker").stdout == "copied\n"
+    assert twin.run("test -e /mnt/data/after-the-copy").exit_code == 1
+    twin.run("echo twin > /mnt/data/written-by-the-twin && sync", check=True)
+    assert dut.run("test -e /mnt/data/written-by-the-twin").exit_code == 1
+    assert dut.run("cat /mnt/data/after-the-copy").stdout == "later\n"
+    with pytest.raises(InfraError, match="already powered on"):
+        dut.copy_to(twin)
+    twin.power.cut()
+    dut.restore("ready")

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from testbed import ssh
+from testbed.errors import DutError
 from testbed.ssh import SshClient
 
 BANNER = b"SSH-2.0-testbed-probe\r\n"
@@ -108,3 +109,26 @@ def test_abort_stops_the_probe(forward) -> None:
 
     with pytest.raises(Stop):
         client._answering_socket(timeout=30, abort=abort)
+
+
+def test_no_probe_goes_out_while_the_device_cannot_answer(forward) -> None:
+    fwd = forward(silent=0)
+    client = SshClient("127.0.0.1", fwd.port, "root")
+    with pytest.raises(DutError, match="its NIC is down"):
+        client.wait_ready(timeout=1.0, reachable=lambda: "its NIC is down")
+    assert fwd.accepted == [], "a probe went out while the device could not answer"
+
+
+def test_probes_start_once_the_device_can_answer(forward) -> None:
+    fwd = forward(silent=0)
+    client = SshClient("127.0.0.1", fwd.port, "root")
+    asked = []
+
+    def reachable() -> str:
+        asked.append(len(fwd.accepted))
+        return "not yet" if len(asked) < 3 else ""
+
+    # The fake forward speaks only a banner, so the login itself never succeeds here.
+    with pytest.raises(DutError):
+        client.wait_ready(timeout=2.0, reachable=reachable)
+    assert asked[:3] == [0, 0, 0] and fwd.accepted, "no probe went out once the device could answer"

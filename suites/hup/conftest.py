@@ -3,11 +3,15 @@ an update is written, so that each test starts from a known point in a second or
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shlex
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +65,6 @@ class Hup:
     old_version: str = ""
     new_version: str = ""
     update_s: float = 0.0
-    first_boot_s: float = 0.0
     rolled_back: bool = False  # the device has just rolled back (left so by a test)
 
     bundle_device: str = ""  # where the device reads the bundle
@@ -134,8 +137,6 @@ def updated(hup: Hup) -> Hup:
     update test checks them after the reboot into the new root.
     """
     device = hup.fresh()
-    import time
-
     device.run(f"head -c 4M /dev/urandom > {CANARY} && sha256sum {CANARY} > {CANARY}.sha256 && sync", check=True)
     t0 = time.monotonic()
     hup.new_version = hup.update()
@@ -153,9 +154,132 @@ def updated(hup: Hup) -> Hup:
     return hup
 
 
+@dataclass
+class PowerCutTrials:
+    """The power-cut trials: each cuts the power at a random moment during ``hostapp-update``
+    (odd trials) or during the first boot of the new root (even trials), then powers on and
+    checks that the device comes back on a root whose version matches.
+
+    On QEMU they run on a twin of the hup device (a copy of its disks and snapshots) in a
+    thread, started as soon as "hup-updated" exists, while the other tests use the hup
+    device; a cut's wait and a boot's idle moments overlap the other tests' work. On a board
+    they run on the board itself, when their test asks for the result.
+    """
+
+    hup: Hup  # the trials' device, with what the suite learnt about the update
+    trials: int
+    seed: int
+    rng: random.Random
+    first_boot_s: float  # the window of a cut during the first boot of the new root
+    ended: dict[str, int] = field(default_factory=dict)
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        """Run the trials in a thread; their device's evidence is kept for ``finish``."""
+        self.hup.dut.sink = self.evidence.append
+        self.thread = threading.Thread(target=self._run_caught, name="hup-power-cuts", daemon=True)
+        self.thread.start()
+
+    def _run_caught(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test in finish()
+            self.error = exc
+
+    def finish(self, sink: Callable[[dict[str, Any]], None] | None) -> dict[str, int]:
+        """Wait for the trials (or run them here); pass their evidence to ``sink`` and raise
+        their failure; return how many trials ended on each root."""
+        if self.thread is None:
+            self.run()
+        else:
+            self.thread.join()
+            for item in self.evidence:
+                if sink is not None:
+                    sink(item)
+            if self.error is not None:
+                raise self.error
+        return self.ended
+
+    def run(self) -> None:
+        hup, trials, seed = self.hup, self.trials, self.seed
+        for trial in range(1, trials + 1):
+            if self.stop.is_set():
+                raise DutError(f"power-cut trials stopped after {trial - 1} of {trials}: the session ended")
+            phase = "during hostapp-update" if trial % 2 else "during the first boot of the new root"
+            if trial % 2:
+                d = hup.fresh("hup-ready")
+                d.run(f"systemd-run --quiet --unit=hup-trial-{trial} hostapp-update -f {hup.bundle_device}", check=True)
+                window = hup.update_s
+            else:
+                d = hup.fresh("hup-updated")
+                d.start_reboot()
+                window = self.first_boot_s
+            cut_after = self.rng.uniform(0, window)
+            # The random moment of the fault is the experiment itself, not a wait for some state.
+            time.sleep(cut_after)
+            d.power.cut()
+            try:
+                d.power.on(timeout=d.profile.timeouts.rollback, max_boots=3, tolerate_panics=True)
+            except DutError as exc:
+                raise DutError(
+                    f"power-cut trial {trial}/{trials} (seed {seed}) on {d.name}: cut {cut_after:.1f}s {phase}, "
+                    f"the device boots neither root: {exc}"
+                ) from None
+            root = d.running_root()
+            version = hup.version()
+            expected = hup.old_version if root == hup.old_root else hup.new_version
+            assert version == expected, (
+                f"power-cut trial {trial}/{trials} (seed {seed}): {root} runs version {version}, expected {expected}"
+            )
+            self.ended[root] = self.ended.get(root, 0) + 1
+            d.record_note(
+                f"power-cut trial {trial}/{trials}: cut {cut_after:.1f}s {phase}",
+                f"came back on {root} (version {version})",
+            )
+        hup.dut.record_note(
+            f"power-cut trials: {trials} (seed {seed}) on {hup.dut.name}",
+            ", ".join(f"{count} ended on {root}" for root, count in sorted(self.ended.items())),
+        )
+
+
 @pytest.fixture(scope="session")
-def trial_rng(pytestconfig: pytest.Config) -> tuple[random.Random, int]:
+def power_cuts(updated: Hup, pytestconfig: pytest.Config, dut_factory: Callable[..., DUT]) -> Iterator[PowerCutTrials]:
+    """The power-cut trials (``--hup-power-cuts``, ``--hup-seed``), started at once on QEMU."""
+    trials = pytestconfig.getoption("--hup-power-cuts")
     seed = pytestconfig.getoption("--hup-seed")
     if seed is None:
         seed = random.SystemRandom().randrange(1 << 32)
-    return random.Random(seed), seed
+    device = updated.dut
+    # A cut during the first boot of the new root lands anywhere up to the time the hup
+    # device's own first boot took to reach SSH (the health check may still be running then).
+    cold = next((b.ssh_ready_s for b in device.boots if b.ssh_ready_s), None)
+    first_boot = cold or device.profile.timeouts.boot_to_ssh / 4
+    twin = None
+    if trials > 0 and getattr(device.machine, "copy_disks_to", None) is not None:
+        twin = dut_factory("hup-cuts", twin_of=device)
+    run = PowerCutTrials(
+        dataclasses.replace(updated, dut=twin) if twin is not None else updated,
+        trials,
+        seed,
+        random.Random(seed),
+        first_boot,
+    )
+    if twin is not None:
+        run.start()
+    yield run
+    run.stop.set()
+    if run.thread is not None and run.thread.is_alive():
+        run.hup.dut.power.cut()  # the session ends: the trial's next wait fails at once
+        run.thread.join(timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def _power_cuts_start_early(request: pytest.FixtureRequest) -> None:
+    """Once "hup-updated" exists, start the power-cut trials if this run has their test."""
+    if "updated" not in request.fixturenames or "power_cuts" in request.fixturenames:
+        return
+    if any("power_cuts" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("power_cuts")

@@ -109,8 +109,9 @@ def _events_handshake(sock: socket.socket) -> None:
     sock.settimeout(None)
 
 
-def _shutdown_reason(sock: socket.socket) -> str:
-    """Read events until QEMU closes the monitor; return the last SHUTDOWN's reason ("" if none)."""
+def _shutdown_reason(sock: socket.socket, on_event: Callable[[str], None] | None = None) -> str:
+    """Read events until QEMU closes the monitor; return the last SHUTDOWN's reason ("" if none).
+    ``on_event`` is called with the name of every event."""
     reason = ""
     with sock, sock.makefile("rb") as reader:
         for line in reader:
@@ -118,8 +119,11 @@ def _shutdown_reason(sock: socket.socket) -> str:
                 message = json.loads(line)
             except ValueError:
                 continue
-            if message.get("event") == "SHUTDOWN":
+            name = str(message.get("event", ""))
+            if name == "SHUTDOWN":
                 reason = str(message.get("data", {}).get("reason", ""))
+            if name and on_event is not None:
+                on_event(name)
     return reason
 
 
@@ -317,6 +321,8 @@ class QemuMachine:
         self._changed = threading.Condition(self._lock)
         self._ended: OwnedProcess | None = None  # the QEMU that stopped by itself, not to be restarted
         self._restart_error = ""
+        # When the guest of the running QEMU first set a NIC's receive filter (see network_up).
+        self._nic_up_at: float | None = None
 
     # -- disks -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -431,6 +437,7 @@ class QemuMachine:
         """Start QEMU paused on the overlay and the serial line; return it, its QMP client and
         the socket of its second monitor, on which only events are read."""
         assert self._uart is not None
+        self._nic_up_at = None
         qmp_ours, qmp_theirs = socket.socketpair()
         events_ours, events_theirs = socket.socketpair()
         fds = [qmp_theirs.fileno(), events_theirs.fileno(), self._uart.fileno(), *(nic.fd for nic in self.lab_nics)]
@@ -467,7 +474,7 @@ class QemuMachine:
         cold path takes a few seconds where its warm reset under TCG took 15-20 s, or hung.
         """
         while True:
-            reason = _shutdown_reason(events)
+            reason = _shutdown_reason(events, lambda name, of=proc: self._on_event(of, name))
             proc.proc.wait()
             with self._lock:
                 if proc is not self.proc:  # cut or closed by testbed
@@ -496,6 +503,27 @@ class QemuMachine:
                     self._changed.notify_all()
                     return
                 self._changed.notify_all()
+
+    def _on_event(self, proc: OwnedProcess, name: str) -> None:
+        if proc is not self.proc:  # a late event of a QEMU that was cut
+            return
+        if name == "NIC_RX_FILTER_CHANGED" and self._nic_up_at is None:
+            self._nic_up_at = time.monotonic()
+        elif name == "RESET":
+            self._nic_up_at = None
+
+    def network_up(self) -> bool | None:
+        """Whether the guest has brought a NIC up since this boot's power on or reset, or None
+        where that cannot be seen.
+
+        A virtio NIC tells QEMU its receive filter when the guest's driver opens it (QMP event
+        NIC_RX_FILTER_CHANGED): from then on an SSH probe can reach the guest. Probes sent
+        before that are held by the user-mode network and all reach sshd at once when the NIC
+        comes up, each costing the guest an sshd process at the busiest moment of its boot.
+        """
+        if not self.settings.nic.startswith("virtio-net"):
+            return None
+        return self._nic_up_at is not None
 
     def _settled_proc(self) -> OwnedProcess | None:
         """The QEMU process, once a restart after a reset (if one is due) has happened."""
@@ -569,6 +597,32 @@ class QemuMachine:
         if out:
             raise InfraError(f"loadvm {name} failed: {out}")
         self.console_log.mark(f"restored snapshot {name}")
+
+    def copy_disks_to(self, other: QemuMachine) -> None:
+        """Give ``other`` (a machine of the same profile, image and media, never prepared) a copy
+        of this machine's overlay, with every snapshot in it, and of its firmware variables.
+
+        A running QEMU is paused for the copy: stopping drains its disks and writes its cached
+        qcow2 metadata to the files, and nothing changes under the copy.
+        """
+        if other.prepared:
+            raise InfraError(f"{other.overlay} exists already: only a new machine can take a copy of the disks")
+        if not self.prepared:
+            raise InfraError("this machine has no disks to copy yet (it was never powered on)")
+        with self._lock:
+            running = self.qmp is not None and self.proc is not None and self.proc.alive()
+            was_running = False
+            if running:
+                assert self.qmp is not None
+                was_running = bool(self.qmp.cmd("query-status").get("running"))
+                self.qmp.cmd("stop")
+            try:
+                shutil.copyfile(self.overlay, other.overlay)
+                shutil.copyfile(self.vars, other.vars)
+            finally:
+                if was_running and self.qmp is not None:
+                    self.qmp.cmd("cont")
+        other.prepared = True
 
     def set_link(self, up: bool) -> None:
         assert self.qmp is not None
