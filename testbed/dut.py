@@ -458,6 +458,9 @@ class DUT:
             raise InfraError(f"{other.name} was already powered on: only a new device can be a twin of {self.name}")
         if (other.profile.name, other.image, other.media) != (self.profile.name, self.image, self.media):
             raise InfraError(f"{other.name} has another profile, image or media than {self.name}: it cannot be a twin")
+        if self.lab_nics or other.lab_nics:
+            # A snapshot holds every NIC's state, and a tap on the lab network has one owner.
+            raise InfraError(f"{self.name} or {other.name} has a NIC on the lab network: a twin can have none")
         copy_disks(other.machine)
         other.config = copy.deepcopy(self.config)
         other.ssh.host, other.ssh.port = other._ssh_endpoint()
