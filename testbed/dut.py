@@ -349,12 +349,11 @@ class DUT:
         SSH probes wait for that, so that no early probe costs the booting guest an sshd
         process; after ``NETWORK_HINT_LIMIT`` seconds they go anyway.
         """
-        network_up = getattr(self.machine, "network_up", None)
-        if network_up is None or network_up() is None:
+        if self.machine.network_up() is None:
             return None
 
         def why() -> str:
-            if network_up() or time.monotonic() - started > NETWORK_HINT_LIMIT:
+            if self.machine.network_up() or time.monotonic() - started > NETWORK_HINT_LIMIT:
                 return ""
             return "the device has not brought its NIC up yet"
 

@@ -258,7 +258,7 @@ def power_cuts(updated: Hup, pytestconfig: pytest.Config, dut_factory: Callable[
     cold = next((b.ssh_ready_s for b in device.boots if b.ssh_ready_s), None)
     first_boot = cold or device.profile.timeouts.boot_to_ssh / 4
     twin = None
-    if trials > 0 and getattr(device.machine, "copy_disks_to", None) is not None:
+    if trials > 0 and device.machine.snapshots:
         twin = dut_factory("hup-cuts", twin_of=device)
     run = PowerCutTrials(
         dataclasses.replace(updated, dut=twin) if twin is not None else updated,

@@ -217,6 +217,10 @@ class BoardMachine:
             "--ssh-host), or give the device a hostname in config.json to reach it as <hostname>.local"
         )
 
+    def network_up(self) -> bool | None:
+        """A board's NIC cannot be watched from the farm: SSH probes go from power on."""
+        return None
+
     def facts(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
             "machine": "board",
