@@ -26,6 +26,7 @@ class HoldingForward:
         self.port = self.server.getsockname()[1]
         self.accepted: list[socket.socket] = []
         self.answered: list[int] = []  # indexes of the connections that got a banner
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -35,10 +36,23 @@ class HoldingForward:
                 conn, _ = self.server.accept()
             except OSError:
                 return
-            self.accepted.append(conn)
-            if len(self.accepted) > self.silent:
+            # Record before the banner goes out: the client may act on the banner (and the test
+            # read these lists) before this thread runs again.
+            with self._changed:
+                self.accepted.append(conn)
+                answer = len(self.accepted) > self.silent
+                if answer:
+                    self.answered.append(len(self.accepted) - 1)
+                self._changed.notify_all()
+            if answer:
                 conn.sendall(BANNER)
-                self.answered.append(len(self.accepted) - 1)
+
+    def wait_accepted(self, count: int, timeout: float = 5.0) -> int:
+        """Waits until ``count`` connections were accepted (a client's connect() completes in
+        the kernel's backlog before this server's accept() runs); returns how many were."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self.accepted) >= count, timeout)
+            return len(self.accepted)
 
     def close(self) -> None:
         # shutdown() wakes the thread blocked in accept(); close() alone would leave the
@@ -72,7 +86,9 @@ def test_a_connection_held_without_a_banner_does_not_hold_up_the_probe(forward) 
     try:
         assert sock.recv(len(BANNER), socket.MSG_PEEK) == BANNER
         # The first connection was held silent; the one handed over is a later one.
-        assert len(fwd.accepted) >= 2 and fwd.answered and fwd.answered[0] >= 1
+        assert fwd.wait_accepted(2) >= 2
+        assert fwd.answered, "no connection got a banner"
+        assert fwd.answered[0] >= 1, "the silent first connection was answered"
     finally:
         sock.close()
 
@@ -83,7 +99,7 @@ def test_no_banner_at_all_times_out_naming_the_endpoint(forward) -> None:
     with pytest.raises(TimeoutError, match=f"no SSH banner from 127.0.0.1:{fwd.port}"):
         client._answering_socket(timeout=1.5 * ssh.PROBE_EVERY)
     # The probe was renewed, not left waiting on the first connection.
-    assert len(fwd.accepted) >= 2
+    assert fwd.wait_accepted(2) >= 2
 
 
 def test_a_refused_port_is_retried_until_the_timeout() -> None:
@@ -116,7 +132,8 @@ def test_no_probe_goes_out_while_the_device_cannot_answer(forward) -> None:
     client = SshClient("127.0.0.1", fwd.port, "root")
     with pytest.raises(DutError, match="its NIC is down"):
         client.wait_ready(timeout=1.0, reachable=lambda: "its NIC is down")
-    assert fwd.accepted == [], "a probe went out while the device could not answer"
+    # A connect() that went out would be accepted within milliseconds; give it a second.
+    assert fwd.wait_accepted(1, timeout=1.0) == 0, "a probe went out while the device could not answer"
 
 
 def test_probes_start_once_the_device_can_answer(forward) -> None:
@@ -131,4 +148,5 @@ def test_probes_start_once_the_device_can_answer(forward) -> None:
     # The fake forward speaks only a banner, so the login itself never succeeds here.
     with pytest.raises(DutError):
         client.wait_ready(timeout=2.0, reachable=reachable)
-    assert asked[:3] == [0, 0, 0] and fwd.accepted, "no probe went out once the device could answer"
+    assert asked[:3] == [0, 0, 0]
+    assert fwd.wait_accepted(1) >= 1, "no probe went out once the device could answer"
