@@ -62,6 +62,27 @@ ignore-auto-dns=true
 """.encode()
 
 
+FINGERPRINTS = ("/balenaos.fingerprint", "/resinos.fingerprint")
+
+
+def assert_root_matches_fingerprint(dut: DUT, which: str) -> None:
+    """Every file that the root's fingerprint lists (its md5 at build time, `md5sum` output) has
+    that md5 on the running device: the root is the one the image (or update) was built with."""
+    listed = " ".join(FINGERPRINTS)
+    found = dut.run(f"for f in {listed}; do if [ -f $f ]; then echo $f; break; fi; done").stdout.strip()
+    assert found, (
+        f"{which} of {dut.name} has no fingerprint ({' or '.join(FINGERPRINTS)}): the image must list "
+        "the md5 of every file of its root there at build time (`md5sum` output, one line per file)"
+    )
+    result = dut.run(f"md5sum --quiet -c {found}")
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    more = f"; and {len(lines) - 12} more lines" if len(lines) > 12 else ""
+    assert result.exit_code == 0, (
+        f"files of {which} of {dut.name} differ from {found} (`md5sum --quiet -c {found}` exit "
+        f"{result.exit_code}): " + "; ".join(lines[:12]) + more
+    )
+
+
 @dataclass
 class Configured:
     """A device whose config.json was set before its first boot, and the extra key it lists.

@@ -86,7 +86,8 @@ DEFECTS = {
         edits=[
             boot_file("/EFI/BOOT/grub.cfg", "rootfstype=ext4 ro", "rootfstype=ext4 rw"),
             root_file("/etc/fstab", "ext4    ro,noatime", "ext4    rw,noatime"),
-            # and, on the same boot, an /etc/issue that names another OS
+            # and, on the same boot, an /etc/issue that names another OS (a file of the root
+            # changed after the build: the fingerprint names it too)
             root_file("/etc/issue", "testbed reference OS", "Debian GNU/Linux 12"),
         ],
         run=["suites/rootfs", "suites/os_release", "-k", "not survive"],
@@ -95,6 +96,7 @@ DEFECTS = {
             "test_writes_to_root_fail_with_erofs": "to fail on a read-only root",
             "test_no_writable_mount_of_the_root_device": "mounted writable",
             "test_issue_names_the_os": "/etc/issue must name the OS",
+            "test_root_files_match_the_fingerprint": "/etc/issue: FAILED",
         },
     ),
     "partition-label-renamed": Defect(
@@ -137,23 +139,25 @@ DEFECTS = {
         run=["suites/modes", "--mode", "production"],
         fails={"test_engine_api_matches_mode": "production mode must not listen on 2375"},
     ),
-    # Four defects on one image, to keep the boots few (the session's device, the configured
+    # Five defects on one image, to keep the boots few (the session's device, the configured
     # one and the shared reboot): config.json's hostname ignored, the journal not persisted,
-    # dnsServers "null" taken for a server name, and a state path not bind-mounted. Each
-    # check must name its own defect; the checks none of them touches must pass.
+    # dnsServers "null" taken for a server name, a state path not bind-mounted, and a boot that
+    # skips the filesystem checks. Each check must name its own defect; the checks none of them
+    # touches must pass.
     "config-json-and-state-defects": Defect(
         edits=[
             root_file(CONFIG_JSON_SCRIPT, 'want="${cfg_hostname:-${DEFAULT_HOSTNAME}}"', 'want="${DEFAULT_HOSTNAME}"'),
             root_file(CONFIG_JSON_SCRIPT, 'if [ "${cfg_logging}" = true ]; then', "if false; then"),
             root_file(CONFIG_JSON_SCRIPT, "[ \"${cfg_dns}\" = null ] && cfg_dns=''", ": dnsServers null kept"),
             root_file("/etc/state-binds", "/var/lib/chrony\n", ""),
+            boot_file("/EFI/BOOT/grub.cfg", "panic=2 tsc=reliable", "panic=2 fsck.mode=skip tsc=reliable"),
         ],
         run=[
             "suites/config",
             "suites/logging",
             "suites/rootfs",
             "-k",
-            "before_boot or edits or journal or null or survive or bind_mounts or read_only",
+            "before_boot or edits or journal or null or survive or bind_mounts or read_only or checked_at_boot",
         ],  # fmt: skip
         fails={
             "test_hostname_set_before_boot": "tb-configured",
@@ -163,6 +167,7 @@ DEFECTS = {
             "test_dns_servers_null_adds_no_server": 'dnsServers "null" must add no server',
             "test_persistent_paths_are_bind_mounts_from_resin_state": "/var/lib/chrony",
             "test_persistent_paths_survive_a_reboot": "/var/lib/chrony",
+            "test_filesystems_checked_at_boot_come_back_clean": "resin-rootA was not checked at boot",
         },
     ),
     # Three defects of the farm checks on one image, to keep the boots few: each check must name
@@ -204,6 +209,13 @@ HUP_DEFECTS = {
         fails={"test_rollback_when_the_new_root_is_unhealthy": "did not become ready over SSH"},
         # A good image is back on its old root in about two boots; this one never is.
         profile={"rollback": 160},
+    ),
+    # An update whose written root lost a file (a write cut short, a bad bundle).
+    "updated-root-lost-a-file": Defect(
+        edits=[],
+        bundle_edits=[bundle_file_removed("/etc/issue")],
+        run=["suites/hup", "-k", "keeps_data", "--hup-power-cuts", "0"],
+        fails={"test_update_runs_the_new_root_and_keeps_data": "/etc/issue: FAILED open or read"},
     ),
 }
 

@@ -119,3 +119,24 @@ rm -rf "${root}"/var/log/* "${root}"/var/tmp/* "${root}"/var/cache/man \
 # Nothing needs updating on first boot (systemd's ConditionNeedsUpdate
 # compares these stamps with /usr and would try to write to /etc and /var).
 touch "${root}/etc/.updated" "${root}/var/.updated"
+
+# --- fingerprint ----------------------------------------------------------
+# /balenaos.fingerprint: the md5 of every regular file of the root, which the
+# device checks with `md5sum --quiet -c /balenaos.fingerprint`. Left out: the
+# files the running OS does not see at their place (below a mount point of
+# fstab or a path bound from resin-state) and the fingerprint itself. This is
+# the last step: nothing may change the root after it.
+set --
+for path in $(awk '$1 !~ /^#/ && $2 ~ /^\/./ { print $2 }' "${root}/etc/fstab") \
+	$(grep -v '^#' "${root}/etc/state-binds"); do
+	set -- "$@" -path ".${path}" -o
+done
+(
+	cd "${root}"
+	find . -xdev \( "$@" -path './balenaos.fingerprint*' \) -prune -o -type f -print0 |
+		LC_ALL=C sort -z | xargs -0 md5sum
+) | sed 's|  \./|  /|' > "${root}/balenaos.fingerprint.tmp"
+mv "${root}/balenaos.fingerprint.tmp" "${root}/balenaos.fingerprint"
+chmod 0444 "${root}/balenaos.fingerprint"
+files="$(wc -l < "${root}/balenaos.fingerprint")"
+[ "${files}" -gt 1000 ] || { echo "customize.sh: the fingerprint lists only ${files} files" >&2; exit 1; }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from suites.conftest import assert_root_matches_fingerprint
 from suites.hup.conftest import CANARY, STATE, TRIGGERED, Hup, PowerCutTrials
 
 
@@ -22,6 +23,8 @@ def test_update_runs_the_new_root_and_keeps_data(updated: Hup) -> None:
     assert version == new_version != updated.old_version, (
         f"VERSION_ID after the update is {version}; the bundle holds {new_version}, the old root {updated.old_version}"
     )
+    # The update wrote the new root intact: its files are the bundle's, as its fingerprint lists them.
+    assert_root_matches_fingerprint(d, f"the updated root {root}")
     check = d.run(f"sha256sum -c {CANARY}.sha256")
     assert check.ok, f"{CANARY} on resin-data changed across the update: {check.stdout}{check.stderr}"
     updated.wait_committed()

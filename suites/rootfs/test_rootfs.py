@@ -1,5 +1,6 @@
 """Read-only root: / is ro, writes fail with EROFS, state is bind-mounted from resin-state and
-survives a reboot, volatile paths are in RAM, and nothing mounts the root device writable."""
+survives a reboot, volatile paths are in RAM, and nothing mounts the root device writable. The
+root's files match its fingerprint, and a boot checks every ext4 filesystem that is due."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shlex
 
 import pytest
 
-from suites.conftest import RebootRound
+from suites.conftest import RebootRound, assert_root_matches_fingerprint
 from testbed.dut import DUT
 from testbed.profile import Profile
 
@@ -81,6 +82,55 @@ def test_persistent_paths_survive_a_reboot(reboot_round: RebootRound) -> None:
     )
 
 
+def _ext4_devices(dut: DUT) -> dict[str, str]:
+    """label -> /dev/disk/by-label path of every ext4 partition of the profile's layout."""
+    return {p.label: f"/dev/disk/by-label/{p.label}" for p in dut.profile.layout.partitions if p.fstype == "ext4"}
+
+
+def _superblock(dut: DUT, device: str) -> dict[str, str]:
+    out = dut.run(f"dumpe2fs -h {shlex.quote(device)}", check=True).stdout
+    fields = (line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in fields}
+
+
+def _force_fsck(dut: DUT) -> dict[str, str]:
+    """Make the next boot check every ext4 filesystem in full; returns each one's last check time.
+
+    The mount count goes above the maximum (`tune2fs -C 2 -c 1`), which the kernel keeps on
+    disk. (The error flag that `tune2fs -E force_fsck` sets does not do for a filesystem
+    mounted writable: the kernel writes its own state over it when it unmounts cleanly.)
+    """
+    last = {}
+    for label, device in _ext4_devices(dut).items():
+        last[label] = _superblock(dut, device).get("Last checked", "")
+        dut.run(f"tune2fs -C 2 -c 1 {shlex.quote(device)}", check=True)
+    return last
+
+
+@pytest.mark.reboot_round(prepare=_force_fsck)
+def test_filesystems_checked_at_boot_come_back_clean(reboot_round: RebootRound) -> None:
+    """Every ext4 filesystem (both roots, state, data) marked for a check is checked by the
+    next boot, before it is mounted, and comes back clean."""
+    last = reboot_round.before(_force_fsck)
+    dut = reboot_round.dut
+    devices = _ext4_devices(dut)
+    wrong = []
+    try:
+        for label, before in last.items():
+            block = _superblock(dut, devices[label])
+            if block.get("Last checked", "") == before:
+                wrong.append(f"{label} was not checked at boot (last checked {before or 'never'})")
+            elif block.get("Filesystem state") != "clean":
+                wrong.append(f"{label} is not clean after its check: {block.get('Filesystem state')}")
+    finally:
+        for device in devices.values():  # no check at every boot from now on
+            dut.run(f"tune2fs -c -1 {shlex.quote(device)}")
+    assert not wrong, (
+        "after `tune2fs -C 2 -c 1` (a check due) on each ext4 filesystem and a reboot, `dumpe2fs -h` "
+        "shows: " + "; ".join(wrong)
+    )
+
+
 def test_volatile_paths_are_in_ram(dut: DUT, device_profile: Profile) -> None:
     paths = device_profile.rootfs.volatile
     script = "; ".join(
@@ -101,3 +151,8 @@ def test_no_writable_mount_of_the_root_device(dut: DUT) -> None:
         if source.split("[", 1)[0] == root and "rw" in options.split(","):
             writable.append(f"{target} ({options})")
     assert not writable, f"the root device {root} is mounted writable at: {', '.join(writable)}"
+
+
+def test_root_files_match_the_fingerprint(dut: DUT) -> None:
+    """The root's files are the ones the image was built with."""
+    assert_root_matches_fingerprint(dut, "the root")
