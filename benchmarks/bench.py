@@ -30,7 +30,7 @@ import paramiko
 import pexpect.fdpexpect
 
 from testbed import reference
-from testbed.dut import DUT
+from testbed.dut import open_dut
 from testbed.errors import DutError, InfraError
 from testbed.machines.qemu import probe_accel
 from testbed.profile import load_profile
@@ -132,7 +132,7 @@ def raw_qemu(profile, image: Path, accel: str, rounds: int) -> dict[str, float]:
 
 def with_testbed(profile, image: Path, rounds: int) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="bench-tb-"))
-    dut = DUT(profile=profile, image=image, image_format="raw", console_log_path=work / "console.log")
+    dut = open_dut(profile, image, "raw", work / "console.log")
     try:
         t0 = time.monotonic()
         dut.power_on()
@@ -160,7 +160,7 @@ def warm_reboot(profile, image: Path) -> str:
     """A reboot to SSH ready with the machine reset in place (``qemu.reset: warm``)."""
     warm = profile.model_copy(update={"qemu": profile.qemu.model_copy(update={"reset": "warm"})})
     work = Path(tempfile.mkdtemp(prefix="bench-warm-"))
-    dut = DUT(profile=warm, image=image, image_format="raw", console_log_path=work / "console.log")
+    dut = open_dut(warm, image, "raw", work / "console.log")
     try:
         dut.power_on()
         return f"{dut.reboot().ssh_ready_s:.1f} s (reset in place)"

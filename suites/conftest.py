@@ -144,74 +144,6 @@ def configured(
     return Configured(device, extra_key, config, lab_network, on_ready)
 
 
-def _group(item: pytest.Item) -> int:
-    """Where a check runs: 0 needs no device, 1 uses ``configured``, 2 the session's ``dut``,
-    3 shares the reboot round (last: its changes, config.json edits and markers, stay its own)."""
-    if item.get_closest_marker("reboot_round") is not None:
-        return 3
-    names = set(getattr(item, "fixturenames", ()))
-    if "configured" in names:
-        return 1
-    return 2 if names & {"dut", "dut_booting"} else 0
-
-
-BOOTS_START_HERE = pytest.StashKey[bool]()
-ROUND_STARTS_HERE = pytest.StashKey[bool]()
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Checks run in the order of ``_group``. With two devices the session uses both host cores:
-
-    - both devices start booting at the first check on ``configured`` (``_devices_boot_early``),
-      after the checks that need neither (offline checks, a suite with its own device);
-    - the checks on ``configured`` run as soon as it is up;
-    - then its reboot round starts (the prepares, then a reboot not waited for), and the
-      checks on ``dut`` run while it reboots (``_reboot_round_starts_early``);
-    - the round's checks come last.
-    """
-    items.sort(key=_group)
-    groups = [_group(item) for item in items]
-    if 1 in groups and (2 in groups or 3 in groups):
-        items[groups.index(1)].stash[BOOTS_START_HERE] = True
-    if 1 in groups and 3 in groups and 2 in groups:
-        items[groups.index(2)].stash[ROUND_STARTS_HERE] = True
-
-
-@pytest.fixture(autouse=True)
-def _devices_boot_early(request: pytest.FixtureRequest) -> None:
-    """At the first check on ``configured``, when the run also has checks on the session's
-    ``dut``: both start booting now, side by side. One boot on an emulated CPU keeps about 1.5 of
-    2 host cores busy, and its waits (firmware, DHCP) leave the rest idle. The checks wait for
-    their device when they first use it."""
-    if not request.node.stash.get(BOOTS_START_HERE, False):
-        return
-    groups = {_group(item) for item in request.session.items}
-    try:
-        request.getfixturevalue("configured")
-    except (Exception, pytest.skip.Exception):  # noqa: BLE001
-        # No second device here (one board), or no lab network (not root): the checks that
-        # use it skip or fail with that reason on their own, the others run as before.
-        return
-    if 2 in groups:
-        request.getfixturevalue("dut_booting")
-
-
-@pytest.fixture(autouse=True)
-def _reboot_round_starts_early(request: pytest.FixtureRequest) -> None:
-    """At the first check on ``dut`` after the checks on ``configured``: start the reboot round."""
-    if request.node.stash.get(ROUND_STARTS_HERE, False):
-        try:
-            configured = request.getfixturevalue("configured")
-        except (Exception, pytest.skip.Exception):  # noqa: BLE001
-            return  # the round then starts with its own checks, as it would without this
-        try:
-            configured.dut  # noqa: B018 - up, before its round's prepares run
-            request.getfixturevalue("reboot_round")
-        except (Exception, pytest.skip.Exception, pytest.fail.Exception):  # noqa: BLE001
-            pass  # not this check's failure: the checks that use them meet it again
-
-
 # -- one reboot for every check about what a reboot keeps or applies ------------------------
 Prepare = Callable[[DUT], Any]
 
@@ -224,7 +156,7 @@ class RebootRound:
     ``@pytest.mark.reboot_round(prepare=f)``. Before the reboot, ``f(dut)`` makes the
     check's change and returns what the check needs afterwards; the check gets it back with
     ``before(prepare)``. A cold boot costs more than all those checks together, so they
-    share one reboot; they run after every other check (see ``pytest_collection_modifyitems``),
+    share one reboot; they run after every other check (``testbed.schedule``),
     so their changes reach no other check. A prepare that fails fails its own check only.
     """
 
@@ -268,13 +200,6 @@ def _round_prepares(items: list[pytest.Item]) -> list[Prepare]:
         if prepare is not None and prepare not in prepares:
             prepares.append(prepare)
     return prepares
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "reboot_round(prepare=f): the check shares the session's one reboot; f(dut) runs before it",
-    )
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ pexpect spawn consumes when a test waits for something.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import itertools
 import os
@@ -21,19 +22,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 import pexpect
 from pexpect.spawnbase import SpawnBase
 
 from testbed.errors import ConfigError, DutError, InfraError
 
+if TYPE_CHECKING:
+    # The stub's name for what expect() takes: a str, bytes, compiled regex, EOF or TIMEOUT.
+    from pexpect.spawnbase import _InputRePattern
+
 PANIC_PATTERNS = (
     re.compile(rb"Kernel panic - not syncing[^\r\n]*"),
     re.compile(rb"end Kernel panic[^\r\n]*"),
 )
 SHELL_PROMPT = "TB-SH# "
-_EOF = object()
 
 
 class Transport(Protocol):
@@ -200,17 +204,6 @@ class CommandResult:
     def ok(self) -> bool:
         return self.exit_code == 0
 
-    def as_evidence(self) -> dict[str, object]:
-        return {
-            "transport": self.transport,
-            "command": self.command,
-            "exit_code": self.exit_code,
-            "stdout": self.stdout,
-            "stderr": self.stderr,
-            "started": self.started,
-            "duration_s": round(self.duration_s, 4),
-        }
-
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -219,12 +212,16 @@ def utcnow() -> str:
 class _QueueSpawn(SpawnBase):
     """pexpect over the bytes the reader thread hands over."""
 
+    # SpawnBase sets these in its __init__ and class body; its stub leaves them out.
+    _decoder: codecs.IncrementalDecoder
+    _log: Callable[[str | bytes, str], None]
+
     def __init__(self, console: Console) -> None:
         super().__init__(timeout=30, maxread=65536, searchwindowsize=None, encoding="utf-8", codec_errors="replace")
         self._console = console
         self.child_fd = -1
 
-    def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> str:  # type: ignore[override]
+    def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> str:
         if timeout == -1:
             timeout = self.timeout
         self._console.check_fault()
@@ -233,8 +230,8 @@ class _QueueSpawn(SpawnBase):
         except queue.Empty:
             self._console.check_fault()
             raise pexpect.TIMEOUT("console quiet") from None
-        if chunk is _EOF:
-            self._console._rx.put(_EOF)
+        if chunk is None:
+            self._console._rx.put(None)
             self.flag_eof = True
             raise pexpect.EOF("console closed")
         parts = [chunk]
@@ -243,11 +240,11 @@ class _QueueSpawn(SpawnBase):
                 more = self._console._rx.get_nowait()
             except queue.Empty:
                 break
-            if more is _EOF:
-                self._console._rx.put(_EOF)
+            if more is None:
+                self._console._rx.put(None)
                 break
             parts.append(more)
-        data = b"".join(parts)  # type: ignore[arg-type]
+        data = b"".join(parts)
         s = self._decoder.decode(data, final=False)
         self._log(s, "read")
         return s
@@ -349,7 +346,9 @@ class Console:
         self.closed = False
         self.closed_reason = ""
         self.logged_in = False
-        self._rx: queue.Queue[object] = queue.Queue()
+        # What the reader read, for the spawn; None once the transport closed, and it stays
+        # queued so every later read sees the end too.
+        self._rx: queue.Queue[bytes | None] = queue.Queue()
         self._tail: collections.deque[str] = collections.deque(maxlen=200)
         self._fault: DutError | None = None
         self._window = bytearray()
@@ -374,7 +373,7 @@ class Console:
             self._watch(data)
         self.closed_reason = getattr(self.transport, "error", "") or ""
         self.closed = True
-        self._rx.put(_EOF)
+        self._rx.put(None)
 
     def _watch(self, data: bytes) -> None:
         self._window.extend(data)
@@ -428,7 +427,7 @@ class Console:
 
         On timeout raise ``error`` naming ``what`` and showing the last console lines.
         """
-        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        pats: list[_InputRePattern] = [patterns] if isinstance(patterns, str) else list(patterns)
         try:
             return int(self.spawn.expect(pats, timeout=timeout))
         except pexpect.TIMEOUT:
@@ -448,8 +447,8 @@ class Console:
                 item = self._rx.get_nowait()
             except queue.Empty:
                 break
-            if item is _EOF:
-                self._rx.put(_EOF)
+            if item is None:
+                self._rx.put(None)
                 break
         self.spawn.buffer = ""
 

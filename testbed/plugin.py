@@ -1,10 +1,16 @@
-"""The pytest plugin: options, the ``dut`` fixture, evidence capture and the run report."""
+"""The pytest plugin: options, the device fixtures, and the session object that records the run.
+
+:class:`TestbedSession` is registered as a plugin (as pytest-xdist's ``DSession`` is): it
+resolves the options (profile, image), opens the run directory, gives every test a
+:class:`~testbed.events.Collector` for its events, classifies outcomes, and hands the typed
+records to ``testbed.report.model`` when the session ends. The order of checks is
+``testbed.schedule``'s.
+"""
 
 from __future__ import annotations
 
 import secrets
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,15 +18,18 @@ from typing import Any
 
 import pytest
 
-import testbed
+from testbed import events as ev
 from testbed import report as rep
-from testbed.dut import DUT
+from testbed import schedule
+from testbed.dut import DUT, open_dut
 from testbed.errors import ConfigError, DutError, InfraError
 from testbed.lab.network import LabNetwork
+from testbed.machines import provides
 from testbed.profile import Profile, apply_board_overrides, load_profile
+from testbed.report.model import RunInfo, TestRecord, build_report, image_facts
 
 DEFAULT_DEVICE = "qemu-x86_64"
-STATE_KEY = pytest.StashKey["TestbedState"]()
+SESSION_KEY = pytest.StashKey["TestbedSession"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,18 +47,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="set developmentMode in the booted copy's config.json (default: as the image has it)",
     )
     group.addoption(
+        "--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)"
+    )
+    group.addoption("--boot-stages", action="store_true", help="print boot stages (power on, firmware, kernel, ...)")
+    hup = parser.getgroup("testbed-hup", "testbed: the hup suite (A/B host OS updates)")
+    hup.addoption(
         "--hup-bundle",
         default=None,
         help="host OS update bundle for the hup suite (default: the reference recipe built as a newer version)",
     )
-    group.addoption(
+    hup.addoption(
         "--hup-power-cuts", type=int, default=5, help="power-cut trials of the hup suite (default %(default)s)"
     )
-    group.addoption(
+    hup.addoption(
         "--hup-seed", type=int, default=None, help="seed of the power-cut moments (default: random, reported)"
-    )
-    group.addoption(
-        "--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)"
     )
     board = parser.getgroup("testbed-board", "testbed: real boards (override the profile's ports for this run)")
     board.addoption("--serial", default=None, help="the board's serial console: PORT[@BAUD], rfc2217:// or socket://")
@@ -61,11 +72,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     board.addoption(
         "--lock-wait", type=float, default=None, help="seconds to wait for a board another run holds (default 0)"
     )
-    board.addoption("--boot-stages", action="store_true", help="print boot stages (power on, firmware, kernel, ...)")
 
 
-class TestbedState:
-    """What one pytest session knows about its device, image and results."""
+def classify(exc: BaseException | None) -> str:
+    """Whose fault an exception says it is (``testbed.report.model.KINDS``)."""
+    if exc is None:
+        return ""
+    if isinstance(exc, InfraError):
+        return "infra"
+    if isinstance(exc, ConfigError):
+        return "config"
+    if isinstance(exc, DutError):
+        return "dut"
+    if isinstance(exc, AssertionError):
+        return "assertion"
+    return "test"  # a plain exception: a bug in the check or in testbed, never a lab fault
+
+
+class TestbedSession:
+    """One pytest session's testbed state: inputs, run directory, devices, records; its hooks."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -74,16 +99,13 @@ class TestbedState:
         self.profile: Profile | None = None
         self.image: Path | None = None
         self.image_format = "raw"
-        self.image_sha256 = ""
+        self.run: RunInfo | None = None
         self.run_dir: Path | None = None
-        self.run_id = ""
-        self.started = ""
-        self.dut: DUT | None = None
+        self.devices: list[DUT] = []  # every device of the run, for the report's boots
         self.facts: dict[str, Any] = {}
-        self.tests: dict[str, rep.TestRecord] = {}
-        self.current: rep.TestRecord | None = None
+        self.tests: dict[str, TestRecord] = {}
 
-    # -- resolution (errors here are the user's to fix) ---------------------------------
+    # -- inputs (errors here are the user's to fix) ---------------------------------------
     def resolve_profile(self) -> Profile:
         if self.profile is None:
             opt = self.config.getoption
@@ -108,76 +130,70 @@ class TestbedState:
             else:
                 from testbed import reference
 
-                self._say("building the reference image (cached after the first build)")
-                self.image = reference.build(log=self._say)
+                profile = self.resolve_profile()
+                reference.check_arch(profile.arch, profile.source)
+                self.say("building the reference image (cached after the first build)")
+                self.image = reference.build(log=self.say)
                 self.image_format = "raw"
         return self.image
 
-    def say_stage(self, stage: str, seconds: float | None, detail: str) -> None:
-        """One boot stage as it happens (``--boot-stages``): ``testbed: [  5.3s] kernel  Linux version ...``."""
-        when = f"{seconds:6.1f}s" if seconds is not None else "       "
-        self._say(f"[{when}] {stage:9} {detail}".rstrip())
-        tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        flush = getattr(tr, "flush", None)
-        if flush is not None:
-            flush()
-
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
             tr.write_line(f"testbed: {text}")
 
-    # -- the run directory ------------------------------------------------------------
+    def say_stage(self, stage: str, seconds: float | None, detail: str) -> None:
+        """One boot stage as it happens (``--boot-stages``): ``testbed: [  5.3s] kernel  Linux version ...``."""
+        when = f"{seconds:6.1f}s" if seconds is not None else "       "
+        self.say(f"[{when}] {stage:9} {detail}".rstrip())
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.flush()
+
+    # -- the run ------------------------------------------------------------------------
     def open_run(self) -> Path:
         if self.run_dir is None:
             profile = self.resolve_profile()
-            self.started = datetime.now(UTC).isoformat(timespec="seconds")
-            self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
-            report_root = Path(self.config.getoption("--report-dir"))
-            self.run_dir = report_root / profile.name / self.run_id
+            now = datetime.now(UTC)
+            run_id = now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+            self.run = RunInfo(device=profile.name, run_id=run_id, started=now.isoformat(timespec="seconds"))
+            self.run_dir = Path(self.config.getoption("--report-dir")) / profile.name / run_id
             self.run_dir.mkdir(parents=True)
         return self.run_dir
 
-    def evidence(self, item: dict[str, Any]) -> None:
-        if self.current is not None:
-            self.current.evidence.append(item)
+    def new_device(self, name: str = "", **options: Any) -> DUT:
+        """A device of this run (not powered on), its console log in the run directory."""
+        profile, image = self.resolve_profile(), self.resolve_image()
+        run_dir = self.open_run()
+        mode = self.config.getoption("--mode")
+        overrides = {"developmentMode": mode == "development"} if mode else {}
+        overrides.update(options.pop("config_overrides", None) or {})
+        device = open_dut(
+            profile, image, self.image_format, run_dir / (f"console-{name}.log" if name else "console.log"),
+            name=f"{profile.name}-{name}" if name else "", config_overrides=overrides,
+            listener=self.say_stage if self.config.getoption("--boot-stages") and not name else None, **options,
+        )  # fmt: skip
+        self.devices.append(device)
+        return device
 
-    def write_report(self) -> str:
-        assert self.run_dir is not None and self.profile is not None
+    def note_facts(self, device: DUT, replace: bool = False) -> None:
+        """The report's device facts: the session's device, else the first device that booted."""
+        if replace or not self.facts:
+            self.facts = device.facts()
+
+    def write_report(self) -> int:
+        """Write report.json, junit.xml, report.html and the ``latest`` link; return the exit code."""
+        assert self.run is not None and self.run_dir is not None
         from testbed import image as img
 
-        if self.image is not None and not self.image_sha256:
-            self.image_sha256 = img.sha256_file(self.image)
-        if self.image is not None and "partitions" not in self.facts:
-            try:
-                layout = img.read_layout(self.image)
-                self.facts["partition_table"] = layout.table
-                self.facts["partitions"] = [
-                    {"label": p.label or p.name, "fstype": p.fstype, "size": p.size} for p in layout.partitions
-                ]
-            except ConfigError:
-                pass
+        if self.image is not None and not self.run.image_sha256:
+            self.run.image_path, self.run.image_format = str(self.image), self.image_format
+            self.run.image_sha256 = img.sha256_file(self.image)
+            for key, value in image_facts(self.image).items():
+                self.facts.setdefault(key, value)
         tests = list(self.tests.values())
-        result = rep.overall_result(tests)
-        boots = self.dut.boots if self.dut else []
-        cold = next((b for b in boots if b.kind == "cold"), None)
-        report = {
-            "schema": rep.SCHEMA_VERSION,
-            "device": self.profile.name,
-            "run_id": self.run_id,
-            "image": {"path": str(self.image or ""), "sha256": self.image_sha256, "format": self.image_format},
-            "started": self.started,
-            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            "result": result,
-            "counts": rep.counts(tests),
-            "facts": self.facts,
-            "timings": {
-                "boot_to_ssh_s": cold.ssh_ready_s if cold else None,
-                "boots": [b.as_dict() for b in boots],
-            },
-            "tests": [t.as_dict() for t in tests],
-            "testbed": {"version": testbed.__version__, "host": socket.gethostname()},
-        }
+        boots = sorted((b.as_dict() for d in self.devices for b in d.boots), key=lambda b: str(b["started"]))
+        report = build_report(self.run, tests, boots, self.facts)
         rep.write_json(self.run_dir / "report.json", report)
         rep.write_junit(self.run_dir / "junit.xml", report)
         rep.point_latest(self.run_dir)
@@ -186,42 +202,109 @@ class TestbedState:
 
             render_html(self.run_dir)
         except Exception as exc:  # noqa: BLE001 - a rendering bug must not change the verdict
-            self._say(f"report.html not written: {type(exc).__name__}: {exc}")
-        return result
+            self.say(f"report.html not written: {type(exc).__name__}: {exc}")
+        return rep.exit_code(tests)
+
+    def record_for(self, nodeid: str) -> TestRecord:
+        return self.tests.setdefault(nodeid, TestRecord(nodeid=nodeid))
+
+    # -- hooks ----------------------------------------------------------------------------
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
+        """Everything the test (and its fixtures) does lands on its record."""
+        with ev.collecting(self.record_for(item.nodeid).collector):
+            return (yield)
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        schedule.order(items)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        record = self.record_for(item.nodeid)
+        record.duration_s += report.duration
+        if report.passed:
+            return report
+        if report.skipped:
+            record.outcome = "skipped"
+            record.message = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            return report
+        exc = call.excinfo.value if call.excinfo is not None else None
+        kind = classify(exc)
+        text = _message(exc, report)
+        # The device's fault is a failure wherever it shows; the lab's, the user's and a bug in
+        # a check are errors.
+        if record.outcome != "failed":  # a failure stays the check's verdict over a later error
+            record.outcome = "failed" if kind in ("dut", "assertion") else "error"
+            record.kind = kind
+        record.message = (record.message + "\n" + text).strip() if record.message else text
+        if kind == "infra" and report.when == "call":
+            report.user_properties.append(("testbed_kind", "infra"))
+        return report
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.run_dir is None:
+            return
+        code = self.write_report()
+        if exitstatus in (0, 1):
+            session.exitstatus = code
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.run_dir is None:
+            return
+        main = self.devices[0] if self.devices and self.devices[0].name == self.device_name else None
+        cold = next((b.ssh_ready_s for b in (main.boots if main else []) if b.kind == "cold" and b.ssh_ready_s), None)
+        tests = list(self.tests.values())
+        c = rep.counts(tests)
+        terminalreporter.write_sep("-", "testbed")
+        terminalreporter.write_line(
+            f"{self.device_name}: {rep.overall_result(tests).upper()}  ({c['passed']} passed, {c['failed']} failed, "
+            f"{c['error']} errors, {c['skipped']} skipped)" + (f"; boot to SSH {cold:.1f}s" if cold else "")
+        )
+        terminalreporter.write_line(f"report: {self.run_dir}/report.html  (report.json, junit.xml, console.log)")
 
 
-def _fail_usage(exc: ConfigError) -> None:
-    raise pytest.UsageError(str(exc))
+def _message(exc: BaseException | None, report: pytest.TestReport) -> str:
+    if isinstance(exc, (DutError, InfraError, ConfigError)):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, AssertionError):
+        return str(exc) or report.longreprtext[-3000:]
+    return report.longreprtext[-3000:]
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fresh: the test needs a device restored to its first-boot snapshot")
-    state = TestbedState(config)
-    config.stash[STATE_KEY] = state
+    config.addinivalue_line(
+        "markers", "reboot_round(prepare=f): the check shares the session's one reboot; f(dut) runs before it"
+    )
+    session = TestbedSession(config)
+    config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(session, "testbed-session")
     # Explicit options are checked before anything runs: one line, no traceback.
     try:
         if config.getoption("--device") or any(
             config.getoption(o) is not None for o in ("--serial", "--relay", "--flash-to", "--ssh-host")
         ):
-            state.resolve_profile()
+            session.resolve_profile()
         if config.getoption("--image"):
-            state.resolve_image()
+            session.resolve_image()
     except ConfigError as exc:
-        _fail_usage(exc)
+        raise pytest.UsageError(str(exc)) from None
 
 
-def _state(config: pytest.Config) -> TestbedState:
-    return config.stash[STATE_KEY]
+# -- fixtures ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def testbed_state(pytestconfig: pytest.Config) -> TestbedSession:
+    """The session object (profile, image, run directory, devices)."""
+    return pytestconfig.stash[SESSION_KEY]
 
 
 @pytest.fixture(scope="session")
-def testbed_state(pytestconfig: pytest.Config) -> TestbedState:
-    return _state(pytestconfig)
-
-
-@pytest.fixture(scope="session")
-def device_profile(testbed_state: TestbedState) -> Profile:
+def device_profile(testbed_state: TestbedSession) -> Profile:
     """The device profile of this run: expectations come from here, not from the tests."""
     try:
         return testbed_state.resolve_profile()
@@ -238,7 +321,7 @@ class ImageUnderTest:
 
 
 @pytest.fixture(scope="session")
-def image_under_test(testbed_state: TestbedState) -> ImageUnderTest:
+def image_under_test(testbed_state: TestbedSession) -> ImageUnderTest:
     try:
         path = testbed_state.resolve_image()
     except ConfigError as exc:
@@ -247,82 +330,57 @@ def image_under_test(testbed_state: TestbedState) -> ImageUnderTest:
     return ImageUnderTest(path, testbed_state.image_format)
 
 
-class OfflineEvidence:
-    """Records an offline check (reading the image file) as evidence, like a command."""
-
-    def __init__(self, state: TestbedState) -> None:
-        self._state = state
-
-    def __call__(self, what: str, output: str, ok: bool = True) -> None:
-        self._state.evidence(
-            {
-                "transport": "offline",
-                "command": what,
-                "exit_code": 0 if ok else 1,
-                "stdout": output,
-                "stderr": "",
-                "started": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "duration_s": 0.0,
-            }
-        )
+OfflineEvidence = Callable[..., ev.Event]
 
 
 @pytest.fixture
-def offline_evidence(testbed_state: TestbedState) -> OfflineEvidence:
-    return OfflineEvidence(testbed_state)
+def offline_evidence() -> OfflineEvidence:
+    """``offline_evidence(what, output, ok=True)``: an offline check (reading the image file) as evidence."""
+
+    def record(what: str, output: str, ok: bool = True) -> ev.Event:
+        return ev.note(what, output, ok=ok, transport="offline")
+
+    return record
 
 
 @pytest.fixture(scope="session")
-def dut_booting(testbed_state: TestbedState, device_profile: Profile) -> Iterator[DUT]:
+def dut_booting(testbed_state: TestbedSession, device_profile: Profile) -> Iterator[DUT]:
     """The session's device, powered on and not waited for: ``dut`` waits for it.
 
     Requesting this before ``dut`` lets the device boot while other work goes on (a suite
     that also boots a second device starts both at once).
     """
     try:
-        image = testbed_state.resolve_image()
+        device = testbed_state.new_device()
     except ConfigError as exc:
         pytest.exit(f"testbed: {exc}", returncode=rep.EXIT_USAGE)
-    run_dir = testbed_state.open_run()
-    mode = testbed_state.config.getoption("--mode")
-    device = DUT(
-        profile=device_profile,
-        image=image,
-        image_format=testbed_state.image_format,
-        console_log_path=run_dir / "console.log",
-        config_overrides={"developmentMode": mode == "development"} if mode else {},
-    )
-    testbed_state.dut = device
-    device.sink = testbed_state.evidence
-    if testbed_state.config.getoption("--boot-stages"):
-        device.stage_listener = testbed_state.say_stage
     try:
-        if device.machine.accel_note:
-            testbed_state._say(f"{device.machine.accel_note}; using {device.machine.accel}")
         device.power_on(wait=False)
+        if device.machine.accel_note:
+            testbed_state.say(f"{device.machine.accel_note}; using {device.machine.accel}")
         yield device
     finally:
-        if not testbed_state.facts:
+        if not testbed_state.facts:  # the session device never came up: what the machine says
             testbed_state.facts = device.machine.facts()
         device.close()
 
 
 @pytest.fixture(scope="session")
-def dut(testbed_state: TestbedState, dut_booting: DUT) -> DUT:
+def dut(testbed_state: TestbedSession, dut_booting: DUT) -> DUT:
     """The device under test, booted once for the session and snapshotted when ready.
 
     Tests that change the device should use ``fresh_dut`` (a snapshot restore).
     """
     device = dut_booting
     boot = device.finish_power_on()
-    testbed_state._say(f"{device.name} ready over SSH {boot.ssh_ready_s:.1f}s after power on ({device.machine.accel})")
-    testbed_state.facts = device.facts()
+    testbed_state.say(f"{device.name} ready over SSH {boot.ssh_ready_s:.1f}s after power on ({device.machine.accel})")
+    testbed_state.note_facts(device, replace=True)
     device.save_snapshot("ready")
     return device
 
 
 @pytest.fixture(scope="session")
-def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterator[Callable[..., DUT]]:
+def dut_factory(testbed_state: TestbedSession, device_profile: Profile) -> Iterator[Callable[..., DUT]]:
     """Boot more devices from the same image with their own config.json and boot files.
 
     ``make(name, config_overrides={...}, boot_files={"/system-connections/x": b"..."}, lab=lab_network)``
@@ -331,15 +389,14 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
     checks of what an image does with a config given before its first boot. With
     ``wait=False`` the device is returned while it boots (``device.finish_power_on()`` waits),
     so that it boots while something else runs. ``make(name, twin_of=device)`` returns a
-    device that is off, with a copy of ``device``'s disks, snapshots and config.json (QEMU
-    only): it starts with ``restore(snapshot)``, so a second device costs no boot and no set-up.
+    device that is off, with a copy of ``device``'s disks, snapshots and config.json (a machine
+    with snapshots and disk copies): it starts with ``restore(snapshot)``, so a second device
+    costs no boot and no set-up.
     """
-    board = device_profile.board
-    if device_profile.kind == "board" and board is not None and board.bench != "virtual":
+    if "several" not in provides(device_profile):
         # One board, held by the session's `dut`: a second device needs a second board.
         pytest.skip(f"{device_profile.name}: booting a second device needs a second board (QEMU and the virtual bench)")
     made: list[DUT] = []
-    mode = testbed_state.config.getoption("--mode")
 
     def make(
         name: str,
@@ -350,40 +407,32 @@ def dut_factory(testbed_state: TestbedState, device_profile: Profile) -> Iterato
         wait: bool = True,
         twin_of: DUT | None = None,
     ) -> DUT:
-        image = testbed_state.resolve_image()
-        run_dir = testbed_state.open_run()
-        overrides = {"developmentMode": mode == "development"} if mode else {}
         if twin_of is not None:
             if config_overrides or boot_files or media or lab:
-                raise InfraError(f"a twin of {twin_of.name} takes its config, boot files and media from it")
+                raise ValueError(f"a twin of {twin_of.name} takes its config, boot files and media from it")
             config_overrides, boot_files, media = twin_of.config_overrides, twin_of.boot_files, twin_of.media
-        device = DUT(
-            profile=device_profile,
-            image=image,
-            image_format=testbed_state.image_format,
-            console_log_path=run_dir / f"console-{name}.log",
-            name=f"{device_profile.name}-{name}",
-            config_overrides={**overrides, **(config_overrides or {})},
-            boot_files=boot_files or {},
-            media=dict(media or {}),
-            lab_nics=[lab.attach()] if lab is not None else [],
-        )
-        device.sink = testbed_state.evidence
+        device = testbed_state.new_device(
+            name, config_overrides=config_overrides, boot_files=boot_files, media=media,
+            lab_nics=[lab.attach()] if lab is not None else None,
+        )  # fmt: skip
         made.append(device)
         if twin_of is not None:
             twin_of.copy_to(device)
             return device  # off: device.restore(snapshot) starts it
         device.power_on(wait=wait)
-        if not wait:
-            return device  # booting: finish with device.finish_power_on()
-        if not testbed_state.facts:
-            # The report's device facts, when the session's own ``dut`` is not booted in this run.
-            testbed_state.facts = device.facts()
-        return device
+        if wait:
+            testbed_state.note_facts(device)  # when the session's own ``dut`` is not booted in this run
+        return device  # without wait: booting, finish with device.finish_power_on()
 
     yield make
     for device in made:
         device.close()
+
+
+@pytest.fixture(scope="session")
+def device_capabilities(device_profile: Profile) -> frozenset[str]:
+    """The capabilities a machine of this run's profile has, before one is made."""
+    return provides(device_profile)
 
 
 @pytest.fixture(scope="session")
@@ -409,92 +458,7 @@ def fresh_dut(dut: DUT) -> DUT:
     return dut
 
 
-DEVICE_FIXTURES = {"dut", "fresh_dut", "dut_factory", "lab_network"}
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Offline checks (the image file alone) run first: a broken image fails fast, before any boot."""
-    items.sort(key=lambda item: bool(DEVICE_FIXTURES & set(getattr(item, "fixturenames", ()))))
-
-
-# -- evidence and outcomes ----------------------------------------------------------------
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    state = _state(item.config)
-    record = state.tests.setdefault(item.nodeid, rep.TestRecord(nodeid=item.nodeid))
-    state.current = record
-
-
-def _classify(excinfo: pytest.ExceptionInfo[BaseException] | None) -> str:
-    if excinfo is None:
-        return ""
-    if excinfo.errisinstance(InfraError):
-        return "infra"
-    if excinfo.errisinstance(ConfigError):
-        return "config"
-    if excinfo.errisinstance(DutError):
-        return "dut"
-    if excinfo.errisinstance(AssertionError):
-        return "assertion"
-    return "other"
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()
-    state = _state(item.config)
-    record = state.tests.setdefault(item.nodeid, rep.TestRecord(nodeid=item.nodeid))
-    record.duration_s += report.duration
-    if report.passed:
-        return
-    kind = _classify(call.excinfo)
-    if report.skipped:
-        record.outcome = "skipped"
-        record.message = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        return
-    text = _message(call.excinfo, report)
-    # The device's fault is a failure wherever it shows; the lab's (or the user's) is an error.
-    lab_fault = kind in ("infra", "config") or (kind == "other" and report.when != "call")
-    if record.outcome != "failed":
-        record.outcome = "error" if lab_fault else "failed"
-    record.kind = kind
-    record.message = (record.message + "\n" + text).strip() if record.message else text
-    if kind == "infra" and report.when == "call":
-        report.outcome = "failed"
-        report.user_properties.append(("testbed_kind", "infra"))
-
-
-def _message(excinfo: pytest.ExceptionInfo[BaseException] | None, report: pytest.TestReport) -> str:
-    if excinfo is not None and isinstance(excinfo.value, (DutError, InfraError, ConfigError)):
-        return f"{type(excinfo.value).__name__}: {excinfo.value}"
-    if excinfo is not None and excinfo.errisinstance(AssertionError):
-        return str(excinfo.value) or report.longreprtext[-3000:]
-    return report.longreprtext[-3000:]
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    state = _state(session.config)
-    state.current = None
-    if state.run_dir is None:
-        return
-    result = state.write_report()
-    if exitstatus in (0, 1):
-        session.exitstatus = rep.exit_code_for(result)
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    state = _state(config)
-    if state.run_dir is None:
-        return
-    boots = state.dut.boots if state.dut else []
-    cold = next((b.ssh_ready_s for b in boots if b.kind == "cold" and b.ssh_ready_s), None)
-    tests = list(state.tests.values())
-    result = rep.overall_result(tests)
-    c = rep.counts(tests)
-    terminalreporter.write_sep("-", "testbed")
-    terminalreporter.write_line(
-        f"{state.device_name}: {result.upper()}  ({c['passed']} passed, {c['failed']} failed, "
-        f"{c['error']} infra errors, {c['skipped']} skipped)" + (f"; boot to SSH {cold:.1f}s" if cold else "")
-    )
-    terminalreporter.write_line(f"report: {state.run_dir}/report.html  (report.json, junit.xml, console.log)")
+@pytest.fixture(autouse=True)
+def _testbed_start_early(request: pytest.FixtureRequest) -> None:
+    """Devices that ``testbed.schedule`` starts before a check needs them."""
+    schedule.start_early(request)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from testbed.errors import ConfigError
 
@@ -72,6 +73,12 @@ class ConsoleSettings(_Strict):
     # each is recorded for every boot and printed live by `python -m testbed smoke`.
     firmware_pattern: str = r"BdsDxe|U-Boot|UEFI|EDK II|SeaBIOS|Raspberry Pi .*[Bb]ootloader|RPi: BOOT"
     kernel_pattern: str = r"Linux version \d|Booting Linux"
+    bootloader_pattern: str = r"GRUB|Booting `"
+    userspace_pattern: str = r"^\s*Welcome to |^\[  OK  \]"
+    # A boot ending or a new one starting inside a running machine: the kernel's last words
+    # before a reset, the firmware's boot manager, a kernel at time zero. (Not the whole
+    # firmware_pattern: a booting kernel prints "EFI ... by EDK II" too.)
+    restart_pattern: str = r"reboot: Restarting system|BdsDxe: |^U-Boot \d|^\[\s*0\.0+\] Linux version "
 
 
 class SshSettings(_Strict):
@@ -194,11 +201,11 @@ def available_profiles(directory: Path = PROFILES_DIR) -> list[str]:
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The keys a model accepts at the location of an error."""
-    current: Any = model
+    current = model
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = current.model_fields.get(part) if isinstance(current, type) else None
+        field = current.model_fields.get(part)
         if field is None:
             return []
         annotation = field.annotation
@@ -212,7 +219,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return [k for k in current.model_fields if k != "source"]
 
 
-def _explain(error: dict[str, Any], path: Path) -> str:
+def _explain(error: ErrorDetails, path: Path) -> str:
     loc = tuple(error["loc"])
     where = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":

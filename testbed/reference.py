@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
 __all__ = [
     "BuildError",
@@ -81,6 +82,8 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "images"
 
 SUITE = "bookworm"
 ARCH = "amd64"
+# The profile architecture (``arch:``) the reference image boots on.
+PROFILE_ARCH = "x86_64"
 APT_SOURCES = (
     "deb http://deb.debian.org/debian bookworm main",
     "deb http://deb.debian.org/debian bookworm-updates main",
@@ -167,6 +170,21 @@ class Partition:
     size: int | None
 
 
+class _LaidOut(TypedDict):
+    """One partition as the image manifest records it (byte and sector offsets)."""
+
+    number: int
+    label: str
+    fstype: str
+    type: str
+    start: int
+    size: int
+    start_sector: int
+    size_sectors: int
+    # The GPT partition UUID, known only once sfdisk has laid the table out.
+    uuid: NotRequired[str | None]
+
+
 PARTITIONS = (
     Partition("resin-boot", "vfat", GPT_ESP, 40 * MIB),
     Partition("resin-rootA", "ext4", GPT_ROOT_X86_64, None),
@@ -237,6 +255,17 @@ def image_hash(options: BuildOptions = BuildOptions(), recipe_dir: Path = RECIPE
     digest.update(b"S\0" + Path(__file__).read_bytes())
     digest.update(b"O\0" + json.dumps(dataclasses.asdict(options), sort_keys=True).encode())
     return digest.hexdigest()[:24]
+
+
+def check_arch(arch: str, profile_source: object) -> None:
+    """A ConfigError unless the reference image runs on a device of architecture ``arch``."""
+    from testbed.errors import ConfigError
+
+    if arch != PROFILE_ARCH:
+        raise ConfigError(
+            f"{profile_source}: arch is {arch}, and testbed's reference image is built for {PROFILE_ARCH} only: "
+            f"give an image for {arch} with --image PATH"
+        )
 
 
 def build(
@@ -768,11 +797,11 @@ class _Builder:
             self._run(["mcopy", "-o", "-i", image, str(source), target], env=mtools)
         return out
 
-    def _assemble(self, sizes: dict[str, int], filesystems: dict[str, Path]) -> list[dict[str, object]]:
+    def _assemble(self, sizes: dict[str, int], filesystems: dict[str, Path]) -> list[_LaidOut]:
         """Partition a sparse disk image and copy the filesystems into it."""
         image = self.staging / IMAGE_NAME
         start = MIB
-        layout: list[dict[str, object]] = []
+        layout: list[_LaidOut] = []
         script = ["label: gpt", "unit: sectors", "first-lba: 2048", ""]
         for number, part in enumerate(PARTITIONS, 1):
             size = sizes[part.label]
@@ -802,8 +831,8 @@ class _Builder:
             entry["uuid"] = row.get("uuid")
         with open(image, "r+b") as dst:
             for entry in layout:
-                src = filesystems[str(entry["label"])]
-                _sparse_copy(src, dst.fileno(), int(entry["start"]), int(entry["size"]))
+                src = filesystems[entry["label"]]
+                _sparse_copy(src, dst.fileno(), entry["start"], entry["size"])
                 src.unlink()
         return layout
 

@@ -12,15 +12,15 @@ import pytest
 
 from testbed.dut import DUT
 from testbed.errors import InfraError
+from testbed.machines.virtual_bench import VirtualBench, VirtualBoardMachine
 from testbed.power.serial_relay import frame
 from testbed.util import wait_until
 
 
-def _bench(dut: DUT):  # type: ignore[no-untyped-def]
-    bench = getattr(dut.machine, "bench", None)
-    if bench is None:
+def _bench(dut: DUT) -> VirtualBench:
+    if not isinstance(dut.machine, VirtualBoardMachine):
         pytest.skip("needs the virtual bench (--device virtual-board)")
-    return bench
+    return dut.machine.bench
 
 
 def test_serial_adapter_pulled_out_mid_run_is_an_infra_error(dut: DUT) -> None:

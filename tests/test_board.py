@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from testbed.console import Console, ConsoleLog, SerialTransport
-from testbed.dut import DUT
+from testbed.dut import open_dut
 from testbed.errors import ConfigError, InfraError
 from testbed.machines import make_machine
 from testbed.machines.board import BoardMachine
@@ -126,7 +126,8 @@ def test_the_machine_follows_the_profile_kind(tmp_path: Path) -> None:
     log = ConsoleLog(tmp_path / "console.log")
     machine = make_machine(load_profile("raspberrypi4-64"), tmp_path / "os.img", log)
     try:
-        assert isinstance(machine, BoardMachine) and not machine.snapshots
+        assert isinstance(machine, BoardMachine)
+        assert machine.capabilities.snapshots is None and machine.capabilities.reflash is machine
         with pytest.raises(ConfigError, match="set board.ssh.host"):
             machine.endpoint("ssh")
         assert machine.endpoint("ssh", "rpi-desk") == ("rpi-desk.local", 22222)
@@ -340,11 +341,8 @@ def reference_image(qemu_tools: None) -> Path:
 def test_a_board_that_never_starts_a_kernel_fails_at_the_named_timeout(
     fake_board: FakeBoard, reference_image: Path, tmp_path: Path
 ) -> None:
-    dut = DUT(
-        profile=fake_board.profile(boot_to_login=3, boot_to_ssh=60),
-        image=reference_image,
-        image_format="raw",
-        console_log_path=tmp_path / "console.log",
+    dut = open_dut(
+        fake_board.profile(boot_to_login=3, boot_to_ssh=60), reference_image, "raw", tmp_path / "console.log"
     )
     try:
         t0 = time.monotonic()
@@ -441,7 +439,7 @@ def test_the_accelerator_probe_returns_when_qemu_dies_before_answering() -> None
     assert profile.qemu is not None
     dying = profile.model_copy(update={"qemu": profile.qemu.model_copy(update={"binary": "false"})})
     t0 = time.monotonic()
-    ok, why = probe_guest(dying, "kvm", "host", 8)
+    ok, why = probe_guest(dying, "kvm", 8)
     assert not ok and "did not start" in why
     assert time.monotonic() - t0 < 8
 

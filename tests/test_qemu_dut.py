@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
+from testbed.boot import BootState
 from testbed.dut import DUT
 from testbed.errors import DutError, InfraError
 from testbed.util import wait_until
@@ -72,7 +73,7 @@ def test_a_twin_starts_from_a_copy_of_the_device_and_its_snapshots(dut: DUT, dut
     dut.run("echo copied > /mnt/data/twin-marker && sync", check=True)
     dut.save_snapshot("twin-source")
     twin = dut_factory("twin", twin_of=dut)
-    assert twin.state == "off" and not twin.machine.is_on()
+    assert twin.state == BootState.OFF and not twin.machine.is_on()
     # The copy is the twin's own: what the device does from now on does not reach it.
     dut.run("rm /mnt/data/twin-marker && echo later > /mnt/data/after-the-copy && sync", check=True)
     boot = twin.restore("twin-source")
@@ -83,7 +84,7 @@ def test_a_twin_starts_from_a_copy_of_the_device_and_its_snapshots(dut: DUT, dut
     twin.run("echo twin > /mnt/data/written-by-the-twin && sync", check=True)
     assert dut.run("test -e /mnt/data/written-by-the-twin").exit_code == 1
     assert dut.run("cat /mnt/data/after-the-copy").stdout == "later\n"
-    with pytest.raises(InfraError, match="already powered on"):
+    with pytest.raises(ValueError, match="already powered on"):
         dut.copy_to(twin)
     twin.power.cut()
     dut.restore("ready")

@@ -3,7 +3,9 @@
 The fixture device qemu-x86_64 has three runs: certified (10-30), a lab fault (10-31) and the
 latest (11-01) with a failed check, an infra error, a skipped check, a reboot, a power cycle and
 device output that tries to inject HTML. raspberrypi4-64 has one certified run without console.log.
-The last test opens the report in a real headless Chromium.
+The latest run's report.json is schema 2: its boots carry the stages the boot model recorded
+live. The other runs are schema 1 (boots with only ssh_ready_s and login_prompt_s), as older
+runs in a device's history are. The last test opens the report in a real headless Chromium.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from testbed.report.__main__ import main as cli
-from testbed.report.html import ReportError, load_report, render_html
+from testbed.report.html import ReportError, load_report, render_html, timeline_context
 from testbed.report.summary import render_summary
-from testbed.report.timeline import parse_boots
+from testbed.report.timeline import Boot, boots_from_report, upgrade_boot
 
 FIXTURES = Path(__file__).parent / "data" / "reports"
 LATEST = "qemu-x86_64/20261101T214958Z-5e6f"
@@ -42,73 +45,178 @@ def reports(tmp_path: Path) -> Path:
     return root
 
 
-def stages(boot) -> dict[str, float]:
-    return {name: stage.at_s for name, stage in boot.stages.items()}
+def stages(boot: Boot) -> dict[str, float]:
+    return {stage.name: stage.at_s for stage in boot.stages}
+
+
+def timeline_html(html: str) -> str:
+    return html[html.index('id="timeline"') : html.index('id="checks"')]
+
+
+def boot(device: str, kind: str, *stage_times: tuple[str, float], **fields: Any) -> dict[str, Any]:
+    """A schema-2 boot as the plugin writes it."""
+    entry = {
+        "device": device, "kind": kind, "started": "2026-12-02T13:40:01.123+00:00", "accelerator": "kvm",
+        "ended_by": "ssh ready" if any(name == "ssh" for name, _ in stage_times) else "power cut",
+        "end_s": max((at for _, at in stage_times), default=0.0),
+        "stages": [{"stage": name, "at_s": at, "detail": f"{name} line"} for name, at in stage_times],
+    }  # fmt: skip
+    return {**entry, **fields}
 
 
 # -- the boot timeline ----------------------------------------------------------------------
-def test_timeline_finds_every_boot_of_the_fixture_run() -> None:
-    boots = parse_boots(FIXTURES / LATEST / "console.log")
-    assert [(b.source, b.kind) for b in boots] == [
-        ("power-on", "cold"),
-        ("restore", "restore"),
-        ("restore", "restore"),
-        ("reboot", "reboot"),
-        ("restore", "restore"),
-        ("power-on", "power-cycle"),
-        ("restore", "restore"),
+def test_timeline_is_built_from_the_boots_in_report_json() -> None:
+    boots = boots_from_report(load_report(FIXTURES / LATEST / "report.json"))
+    assert [(b.device, b.index, b.kind, b.is_restore) for b in boots] == [
+        ("qemu-x86_64", 1, "cold", False),
+        ("qemu-x86_64", 2, "restore", True),
+        ("qemu-x86_64", 3, "restore", True),
+        ("qemu-x86_64", 4, "reboot", False),
+        ("qemu-x86_64", 5, "restore", True),
+        ("qemu-x86_64", 6, "power-cycle", False),
+        ("qemu-x86_64", 7, "restore", True),
     ]
     cold, reboot, cycle = boots[0], boots[3], boots[5]
-    # "smpboot: Booting Node 0" at 5.612 s is the kernel, not the bootloader.
     assert stages(cold) == {
         "firmware": 2.841, "bootloader": 3.905, "kernel": 5.377, "userspace": 9.802, "login": 19.418, "ssh": 22.507,
     }  # fmt: skip
-    assert cold.accelerator == "tcg" and cold.reported_ssh_s == 22.5 and cold.ended_by == "ssh ready"
-    assert cold.start_wall == "21:50:03.512" and cold.stages["kernel"].wall == "21:50:08.889"
-    assert "Linux version 6.1.0-26-amd64" in cold.stages["kernel"].text
+    assert cold.accelerator == "tcg" and cold.ended_by == "ssh ready" and cold.schema == 2
+    assert cold.started is not None and cold.started.isoformat() == "2026-11-01T21:50:03.512000+00:00"
+    assert "Linux version 6.1.0-26-amd64" in (cold.stage("kernel") or pytest.fail("no kernel")).detail
+    # The firmware runs from power on (before its first output, too) until the bootloader starts.
     assert cold.segments() == [
         ("firmware", 0.0, 3.905), ("bootloader", 3.905, 5.377), ("kernel", 5.377, 9.802),
         ("userspace", 9.802, 19.418), ("login", 19.418, 22.507),
     ]  # fmt: skip
-    # A reboot counts from the reset ("reboot: Restarting system"), not from the power on.
-    assert reboot.start_wall == "21:51:04.410"
-    assert stages(reboot) == {
-        "firmware": 2.614, "bootloader": 3.732, "kernel": 5.113, "userspace": 9.447, "login": 19.004, "ssh": 21.713,
-    }  # fmt: skip
-    assert stages(cycle) == {
-        "firmware": 2.903, "bootloader": 4.012, "kernel": 5.544, "userspace": 10.102, "login": 19.874, "ssh": 23.4,
-    }  # fmt: skip
-    assert stages(boots[1]) == {"ssh": 0.932} and boots[1].reported_ssh_s == 0.9
+    # The reboot's reset is a stage the bar does not draw; the table lists it.
+    assert [s.name for s in reboot.other_stages] == ["reset"] and reboot.segments()[0] == ("firmware", 0.0, 3.732)
+    assert cycle.total_s == 23.4 and cycle.reached_ssh
+    assert stages(boots[1]) == {"restore": 0.0, "ssh": 0.932} and boots[1].segments() == [("restore", 0.0, 0.932)]
     assert [b.ended_by for b in boots] == ["ssh ready"] * 7
 
 
-def test_timeline_edge_cases(tmp_path: Path) -> None:
-    log = tmp_path / "console.log"
-    log.write_text(
-        # a board's serial log: no power on marker, GRUB quiet
-        "[23:59:58.000 +   0.000] U-Boot 2024.01\n"
-        "[23:59:59.500 +   1.500] [    0.000000] Linux version 6.1.77-v8\n"
-        "[00:00:04.000 +   6.000] Welcome to balenaOS 5.3.10!\n"
-        "[00:00:09.250 +  11.250] ==== testbed: ssh ready after 11.2s (cold) ====\n"
-        # a test prints /proc/version over the serial console: not a reboot
-        "[00:00:10.000 +  12.000] Linux version 6.1.77-v8 (builder@host) #1 SMP\n"
-        "a line without a stamp\n"
-        "[00:00:20.000 +   0.000] ==== testbed: power on (kvm) ====\n"
-        "[00:00:21.000 +   1.000] BdsDxe: loading Boot0001\n"
-        "[00:00:23.000 +   3.000] [    0.000000] Linux version 6.1.77-v8\n"
-        "[00:00:25.000 +   5.000] [    1.900000] Kernel panic - not syncing: VFS: Unable to mount root fs\n"
-        "[00:00:40.000 +  20.000] ==== testbed: power cut ====\n"
-        "[00:00:40.100 +  20.100] stray bytes after the cut\n"
+def test_timeline_draws_report_json_not_the_console(reports: Path) -> None:
+    """console.log is not parsed for stages: without it, or with a different one, the timeline is the same."""
+    run = reports / LATEST
+    drawn = timeline_html(render_html(run).read_text())
+    (run / "console.log").write_text("[21:50:03.512 +   0.000] ==== testbed: power on (kvm) ====\nLinux version 9\n")
+    assert timeline_html(render_html(run).read_text()) == drawn
+    (run / "console.log").unlink()
+    assert timeline_html(render_html(run).read_text()) == drawn
+    assert "Boot 6 · power-cycle" in drawn and ">23.4 s<" in drawn and "4 snapshot restores" in drawn
+
+
+def test_timeline_of_a_boot_that_never_reached_ssh_and_restores() -> None:
+    report = {"device": "qemu-x86_64", "timings": {"boots": [
+        boot("qemu-x86_64", "cold", ("firmware", 1.0), ("kernel", 3.0), end_s=20.0),
+        boot("qemu-x86_64", "restore", ("restore", 0.0), ("ssh", 0.9)),
+        boot("qemu-x86_64", "restore", ("restore", 0.0), ("ssh", 1.3)),
+        boot("qemu-x86_64", "restore", ("restore", 0.0), end_s=30.0),
+    ]}}  # fmt: skip
+    stuck = boots_from_report(report)[0]
+    assert not stuck.reached_ssh and stuck.total_s == 20.0 and stuck.ended_by == "power cut"
+    # Drawn up to the last moment it was seen, stuck in the kernel.
+    assert stuck.segments() == [("firmware", 0.0, 3.0), ("kernel", 3.0, 20.0)]
+    context = timeline_context(report)
+    [row] = context["rows"]
+    assert row["label"] == "Boot 1 · cold" and not row["complete"] and row["total_text"] == "20.0 s ✗"
+    assert row["start"] == "13:40:01.123" and row["stages"]["kernel"] == 3.0 and row["stages"]["ssh"] is None
+    assert context["chart"]["bars"][0]["total"] == "20.0 s ✗" and context["detailed"] and not context["legacy"]
+    assert context["restores"] == (
+        "3 snapshot restores: SSH ready after 900 ms to 1.3 s (median 1.1 s); 1 never got SSH back"
     )
-    boots = parse_boots(log)
-    assert len(boots) == 2
-    board, panic = boots
-    assert board.source == "log-start" and board.kind == "cold"
-    assert stages(board) == {"firmware": 0.0, "kernel": 1.5, "userspace": 6.0, "ssh": 11.25}
-    assert panic.accelerator == "kvm" and not panic.reached_ssh and panic.ended_by == "power cut"
-    assert stages(panic) == {"firmware": 1.0, "kernel": 3.0}
-    # The boot that never got to SSH is drawn up to its last line, stuck in the kernel.
-    assert panic.segments() == [("firmware", 0.0, 3.0), ("kernel", 3.0, 20.0)]
+    assert context["legend"] == [("firmware", "#64748b"), ("kernel", "#2563eb")]
+
+
+def test_timeline_of_several_devices_puts_the_main_device_first(tmp_path: Path) -> None:
+    report = {"device": "qemu-x86_64", "timings": {"boots": [
+        boot("qemu-x86_64-configured", "cold", ("firmware", 1.0), ("ssh", 15.0)),
+        boot("qemu-x86_64", "cold", ("firmware", 2.0), ("kernel", 4.0), ("ssh", 20.0)),
+        boot("qemu-x86_64-configured", "reboot", ("reset", 0.0), ("kernel", 3.0), ("ssh", 14.0)),
+        {"kind": "reboot", "ssh_ready_s": 18.0, "login_prompt_s": 16.0},  # no device: the main one's
+        boot("qemu-x86_64-configured", "restore", ("restore", 0.0), ("ssh", 1.0)),
+    ]}}  # fmt: skip
+    context = timeline_context(report)
+    assert context["several_devices"] and context["devices"] == ["qemu-x86_64", "qemu-x86_64-configured"]
+    assert [r["label"] for r in context["rows"]] == [
+        "qemu-x86_64 · boot 1 · cold",
+        "qemu-x86_64 · boot 2 · reboot",
+        "qemu-x86_64-configured · boot 1 · cold",
+        "qemu-x86_64-configured · boot 2 · reboot",
+    ]
+    assert context["restores"] == "1 snapshot restore (qemu-x86_64-configured: 1): SSH ready 1.0 s"
+    assert context["detailed"] and context["legacy"]
+    # The label column widens for the longer labels and every label fits it.
+    chart = context["chart"]
+    assert chart["left"] > 190 and [b["label"] for b in chart["bars"]] == [r["label"] for r in context["rows"]]
+
+    run = tmp_path / "reports" / "qemu-x86_64" / "r1"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps({**report, "schema": 2, "tests": []}))
+    html = timeline_html(render_html(run).read_text())
+    assert "<th>Device</th>" in html and '<td class="mono">qemu-x86_64-configured</td>' in html
+    assert "qemu-x86_64-configured · boot 2 · reboot" in html and "reset at 0 ms" in html
+    assert 'title="kernel line"' in html and "older report.json (schema 1)" in html
+
+
+def test_an_old_boot_without_stages_is_upgraded_to_the_new_shape() -> None:
+    assert upgrade_boot({"kind": "cold", "ssh_ready_s": 38.215, "login_prompt_s": 31.904}) == {
+        "kind": "cold", "ssh_ready_s": 38.215, "login_prompt_s": 31.904, "end_s": 38.215,
+        "stages": [
+            {"stage": "boot", "at_s": 0.0, "detail": "stages not recorded (report schema 1)"},
+            {"stage": "login", "at_s": 31.904, "detail": ""},
+            {"stage": "ssh", "at_s": 38.215, "detail": ""},
+        ],
+    }  # fmt: skip
+    report = {"device": "rpi", "timings": {"boots": [
+        {"kind": "cold", "ssh_ready_s": 38.215, "login_prompt_s": 31.904},
+        {"kind": "cold", "ssh_ready_s": 17.9, "login_prompt_s": None},
+        {"kind": "restore", "ssh_ready_s": 0.9},
+        {"kind": "cold", "ssh_ready_s": None, "login_prompt_s": None},
+    ]}}  # fmt: skip
+    with_login, without_login, restore, nothing = boots_from_report(report)
+    # As the old report.json path drew them: power on to the login prompt, then to SSH.
+    assert with_login.schema == 1 and with_login.device == "rpi" and with_login.started is None
+    assert with_login.segments() == [("boot", 0.0, 31.904), ("login", 31.904, 38.215)]
+    assert without_login.segments() == [("boot", 0.0, 17.9)]
+    assert restore.is_restore and restore.segments() == [("restore", 0.0, 0.9)]
+    assert not nothing.reached_ssh and nothing.segments() == []
+    context = timeline_context(report)
+    assert context["legacy"] and not context["detailed"] and not context["several_devices"]
+    assert context["rows"][0]["label"] == "Boot 1 · cold" and context["rows"][0]["stages"]["login"] == 31.904
+    assert context["restores"] == "1 snapshot restore: SSH ready 900 ms"
+
+
+def test_timeline_tolerates_missing_and_odd_values() -> None:
+    report = {"device": "qemu-x86_64", "timings": {"boots": [
+        "not a boot", None, 7,
+        {"stages": [
+            {"stage": "ssh", "at_s": 12.0}, {"stage": "kernel", "at_s": 4.0, "detail": "x" * 500},
+            {"stage": "kernel", "at_s": 6.0}, {"stage": "firmware", "at_s": -1.0}, {"stage": "login", "at_s": "9"},
+            {"stage": "userspace", "at_s": True}, {"stage": "", "at_s": 1.0}, {"at_s": 2.0}, "junk",
+            {"stage": "flashed", "at_s": 0.5}, {"stage": "login", "at_s": 14.0},
+        ], "end_s": 3.0, "started": "yesterday", "device": 42, "kind": None, "ended_by": ["?"]},
+        {"kind": "wait", "stages": []},
+        {"kind": "cold", "stages": "garbage", "ssh_ready_s": "fast", "login_prompt_s": float("nan")},
+    ]}}  # fmt: skip
+    odd, empty, garbage = boots_from_report(report)
+    # Bad entries are left out, a repeated stage keeps its first time, negatives count as 0, order is by time.
+    assert [(s.name, s.at_s) for s in odd.stages] == [
+        ("firmware", 0.0), ("flashed", 0.5), ("kernel", 4.0), ("ssh", 12.0), ("login", 14.0),
+    ]  # fmt: skip
+    assert len((odd.stage("kernel") or pytest.fail("no kernel")).detail) == 160
+    assert odd.device == "qemu-x86_64" and odd.kind == "" and odd.started is None and odd.ended_by == ""
+    # end_s is never before the last stage; what came after SSH stays out of the bar.
+    assert odd.end_s == 14.0 and odd.total_s == 12.0
+    assert odd.segments() == [("firmware", 0.0, 4.0), ("kernel", 4.0, 12.0)]
+    assert empty.stages == [] and empty.segments() == [] and empty.total_s == 0.0
+    assert garbage.schema == 1 and garbage.segments() == [] and not garbage.reached_ssh
+    context = timeline_context(report)
+    assert [r["label"] for r in context["rows"]] == ["Boot 1", "Boot 2 · wait", "Boot 3 · cold"]
+    assert context["rows"][0]["other"] == [{"label": "flashed at 500 ms", "detail": ""}]
+    assert context["restores"] == ""
+    for broken in ({}, {"timings": None}, {"timings": {"boots": "none"}}, {"device": 3, "timings": {"boots": []}}):
+        assert boots_from_report(broken) == [] and timeline_context(broken)["chart"] is None
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -190,7 +298,9 @@ def test_certified_lab_fault_and_board_runs(reports: Path) -> None:
 
     board = render_html(reports / BOARD).read_text()
     assert "CERTIFIED" in board and "raspberrypi4-64" in board and "Raspberry Pi bootloader 2024-04-20" in board
-    assert "This run has no console.log" in board and "31.9 s" in board and "38.2 s" in board
+    # A schema-1 report: the boot is drawn from its login and SSH times, and the page says why no more.
+    assert "31.9 s" in board and "38.2 s" in board and "older report.json (schema 1)" in timeline_html(board)
+    assert "power on → login prompt or SSH (stages not recorded)" in board
     assert "28.5 GiB" in board and "relay" in board
 
 

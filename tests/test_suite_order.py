@@ -1,4 +1,4 @@
-"""The order the suites' checks run in (suites/conftest.py): checks that need no device, then
+"""The order the suites' checks run in (testbed/schedule.py): checks that need no device, then
 those on ``configured``, then those on the session's ``dut``, then the reboot round; and the
 round starts at the first check on ``dut`` only when all three kinds are in the run."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from suites import conftest as suites
+from testbed import schedule
 
 
 class Item:
@@ -26,16 +26,21 @@ class Item:
 
 
 def order(items: list[Item]) -> list[str]:
-    suites.pytest_collection_modifyitems(None, None, items)  # type: ignore[arg-type]
+    schedule.order(items)  # type: ignore[arg-type]
     return [item.name for item in items]
 
 
-def flagged(items: list[Item], key: pytest.StashKey[bool]) -> list[str]:
-    return [item.name for item in items if item.stash.get(key, False)]
+def starting(items: list[Item], fixture: str) -> list[str]:
+    """The checks at which ``fixture`` is started before the check asks for it."""
+    return [item.name for item in items if fixture in item.stash.get(schedule.START_HERE, ())]
+
+
+def boots_start(items: list[Item]) -> list[str]:
+    return starting(items, "configured")
 
 
 def starts_round(items: list[Item]) -> list[str]:
-    return flagged(items, suites.ROUND_STARTS_HERE)
+    return starting(items, "reboot_round")
 
 
 def test_groups_run_offline_configured_dut_then_the_round() -> None:
@@ -59,7 +64,8 @@ def test_groups_run_offline_configured_dut_then_the_round() -> None:
     ]
     # Both devices start booting at the first check on configured; the reboot round starts
     # when the checks on configured are done, before those on dut.
-    assert flagged(items, suites.BOOTS_START_HERE) == ["config_before_boot"]
+    assert boots_start(items) == ["config_before_boot"]
+    assert starting(items, "dut_booting") == ["config_before_boot"]
     assert starts_round(items) == ["rootfs_read_only"]
 
 
@@ -76,7 +82,8 @@ def test_the_round_starts_early_only_beside_checks_on_both_devices(names: tuple[
     order(items)
     assert starts_round(items) == []
     # The two boots start together whenever configured and another device are both used.
-    assert flagged(items, suites.BOOTS_START_HERE) == (["configured"] if "configured" in names else [])
+    assert boots_start(items) == (["configured"] if "configured" in names else [])
+    assert starting(items, "dut_booting") == (["configured"] if {"configured", "dut"} <= set(names) else [])
 
 
 def test_a_suite_with_its_own_device_runs_before_the_early_boots() -> None:
@@ -86,4 +93,4 @@ def test_a_suite_with_its_own_device_runs_before_the_early_boots() -> None:
         Item("config_check", ("configured",)),
     ]
     assert order(items) == ["hup_update", "config_check", "dut_check"]
-    assert flagged(items, suites.BOOTS_START_HERE) == ["config_check"]
+    assert boots_start(items) == ["config_check"]

@@ -11,13 +11,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from testbed import events as ev
 from testbed.dut import DUT
 from testbed.errors import ConfigError, DutError
-from testbed.profile import Profile
 from testbed.util import wait_until
 
 STATE = "/mnt/state"
@@ -52,7 +51,7 @@ def hup_bundle(pytestconfig: pytest.Config, testbed_state) -> Path:
         )
     from testbed import reference
 
-    return reference.build_bundle(log=testbed_state._say)
+    return reference.build_bundle(log=testbed_state.say)
 
 
 @dataclass
@@ -112,13 +111,13 @@ class Hup:
 
 
 @pytest.fixture(scope="session")
-def hup(dut_factory: Callable[..., DUT], hup_bundle: Path, device_profile: Profile) -> Hup:
-    if device_profile.kind == "qemu":
+def hup(dut_factory: Callable[..., DUT], hup_bundle: Path, device_capabilities: frozenset[str]) -> Hup:
+    if "media" in device_capabilities:
         # Attached as a read-only disk, like a USB stick: nothing to copy.
         device = dut_factory("hup", media={"bundle": hup_bundle})
         state = Hup(device, hup_bundle, bundle_device=device.media_device("bundle"))
     else:
-        # A board gets it over SSH, once: the snapshots below are a QEMU device's.
+        # Without attached media (a board) it goes over SSH, once, to resin-data.
         device = dut_factory("hup")
         device.upload(hup_bundle, "/mnt/data/hup-bundle.ext4")
         state = Hup(device, hup_bundle, bundle_device="/mnt/data/hup-bundle.ext4")
@@ -172,33 +171,33 @@ class PowerCutTrials:
     rng: random.Random
     first_boot_s: float  # the window of a cut during the first boot of the new root
     ended: dict[str, int] = field(default_factory=dict)
-    evidence: list[dict[str, Any]] = field(default_factory=list)
+    evidence: ev.Collector = field(default_factory=lambda: ev.Collector("power-cut trials"))
     error: BaseException | None = None
     thread: threading.Thread | None = None
     stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
-        """Run the trials in a thread; their device's evidence is kept for ``finish``."""
-        self.hup.dut.sink = self.evidence.append
+        """Run the trials in a thread; their events are collected for ``finish``."""
         self.thread = threading.Thread(target=self._run_caught, name="hup-power-cuts", daemon=True)
         self.thread.start()
 
     def _run_caught(self) -> None:
-        try:
-            self.run()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test in finish()
-            self.error = exc
+        with ev.collecting(self.evidence):
+            try:
+                self.run()
+            except BaseException as exc:  # noqa: BLE001 - handed to the test in finish()
+                self.error = exc
 
-    def finish(self, sink: Callable[[dict[str, Any]], None] | None) -> dict[str, int]:
-        """Wait for the trials (or run them here); pass their evidence to ``sink`` and raise
+    def finish(self) -> dict[str, int]:
+        """Wait for the trials (or run them here); their events go to the running test; raise
         their failure; return how many trials ended on each root."""
         if self.thread is None:
             self.run()
         else:
             self.thread.join()
-            for item in self.evidence:
-                if sink is not None:
-                    sink(item)
+            collector = ev.current()
+            if collector is not None:
+                collector.extend(self.evidence.snapshot())
             if self.error is not None:
                 raise self.error
         return self.ended
@@ -258,7 +257,7 @@ def power_cuts(updated: Hup, pytestconfig: pytest.Config, dut_factory: Callable[
     cold = next((b.ssh_ready_s for b in device.boots if b.ssh_ready_s), None)
     first_boot = cold or device.profile.timeouts.boot_to_ssh / 4
     twin = None
-    if trials > 0 and device.machine.snapshots:
+    if trials > 0 and device.snapshots is not None:
         twin = dut_factory("hup-cuts", twin_of=device)
     run = PowerCutTrials(
         dataclasses.replace(updated, dut=twin) if twin is not None else updated,

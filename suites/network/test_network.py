@@ -13,6 +13,7 @@ import re
 import pytest
 
 from suites.conftest import CONFIGURED, CONNECTION_NAME, Configured
+from testbed.capabilities import require
 from testbed.dut import DUT
 from testbed.errors import DutError
 from testbed.lab import network as lab
@@ -40,11 +41,9 @@ def test_connection_file_from_boot_partition_is_applied(configured: Configured) 
 
 
 def test_link_down_and_up_recovers(dut: DUT, request: pytest.FixtureRequest) -> None:
-    if not hasattr(dut.machine, "set_link"):
-        pytest.skip(f"{dut.machine.kind}: testbed cannot switch this device's network link (QEMU's set_link only)")
+    link = require(dut.link, "link control", dut)
     dut = request.getfixturevalue("fresh_dut")
-    dut.machine.set_link(False)
-    dut.record_note("QMP set_link net0 down", "link down")
+    link.set_link(False)
     try:
         if dut.development_mode:
             # The console still works without a network: watch NetworkManager notice the loss.
@@ -53,8 +52,7 @@ def test_link_down_and_up_recovers(dut: DUT, request: pytest.FixtureRequest) -> 
 
             wait_until(lost, 60, "NetworkManager to see the link go down", interval=0.5)
     finally:
-        dut.machine.set_link(True)
-        dut.record_note("QMP set_link net0 up", "link up")
+        link.set_link(True)
 
     def back() -> bool:
         try:

@@ -31,7 +31,7 @@ class Flasher(Protocol):
     def flash(self, image: Path) -> FlashResult: ...
 
 
-DRIVERS: dict[str, type] = {
+DRIVERS: dict[str, type[Flasher]] = {
     "blockdev": BlockDeviceFlasher,
     "usbsdmux": UsbSdMuxFlasher,
 }
@@ -39,7 +39,7 @@ DRIVERS: dict[str, type] = {
 
 def make_flasher(spec: dict[str, Any], *, progress: Progress | None = None) -> Flasher:
     """The driver for a profile's ``flash:`` mapping; ``progress`` gets (phase, done, total) callbacks."""
-    return build("flash", DRIVERS, spec, progress=progress)  # type: ignore[no-any-return]
+    return build("flash", DRIVERS, spec, progress=progress)
 
 
 __all__ = [

@@ -38,7 +38,8 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from types import TracebackType
+from typing import Any, Protocol, Self
 
 from testbed.errors import ConfigError, InfraError
 from testbed.flash.base import FlashResult, Progress
@@ -84,13 +85,24 @@ def _import_zstandard() -> Any:
     return zstandard
 
 
-def open_image(path: Path, fmt: str | None = None) -> IO[bytes]:
+class ImageReader(Protocol):
+    """What the writer needs of a decompressing reader: gzip, xz, zstd and plain files all have it."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
+    ) -> object: ...
+
+
+def open_image(path: Path, fmt: str | None = None) -> ImageReader:
     """A reader of the uncompressed image bytes."""
     fmt = fmt or image_format(path)
     if fmt == "gzip":
         return gzip.open(path, "rb")
     if fmt == "xz":
-        return _XzReader(path)  # type: ignore[return-value]
+        return _XzReader(path)
     if fmt == "zstd":
         zstandard = _import_zstandard()
         compressed = open(path, "rb")  # noqa: SIM115 - the stream reader closes it (closefd)
@@ -154,11 +166,11 @@ def _decode_errors(fmt: str) -> tuple[type[BaseException], ...]:
     return errors
 
 
-def _read_full(reader: IO[bytes], view: memoryview) -> int:
+def _read_full(reader: ImageReader, view: memoryview) -> int:
     """Fill ``view`` from ``reader``; fewer bytes only at the end of the image."""
     filled = 0
     while filled < len(view):
-        n = reader.readinto(view[filled:])  # type: ignore[attr-defined]
+        n = reader.readinto(view[filled:])
         if not n:
             break
         filled += n
@@ -241,7 +253,7 @@ def uncompressed_size(path: Path, fmt: str, progress: Progress | None = None) ->
                 total += n
                 if progress:
                     progress("measure", total, None)
-    except (*_decode_errors(fmt), OSError) as exc:
+    except _decode_errors(fmt) + (OSError,) as exc:
         raise ConfigError(f"image {path} is not a valid {fmt} file ({exc}); re-download or rebuild it") from None
     return total
 

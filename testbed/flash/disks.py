@@ -254,9 +254,9 @@ def check_target(path: Path, *, allow_file: bool = False) -> Target:
     name = sysdir.name
     shown = f"{path} ({name})" if path.name != name else str(path)
     if is_partition(sysdir):
-        disk = whole_disk(sysdir).name
+        parent = whole_disk(sysdir).name
         raise ConfigError(
-            f"flash target {shown} is a partition of {disk}: an OS image goes to the whole disk, use /dev/{disk}"
+            f"flash target {shown} is a partition of {parent}: an OS image goes to the whole disk, use /dev/{parent}"
         )
     own = host_disks()
     for disk in underlying_disks(sysdir):

@@ -24,30 +24,30 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from testbed import events as ev
 from testbed.console import Console, ConsoleLog, SerialTransport
 from testbed.errors import ConfigError, InfraError
 from testbed.flash import FlashResult, make_flasher
 from testbed.lab.lock import DeviceLock
-from testbed.power import make_power
+from testbed.machines.base import Capabilities, MachineEvents
+from testbed.power import Power, make_power
 from testbed.profile import BoardSettings, Profile
 from testbed.util import private_dir, qemu_img
 
-Events = Callable[[str, str], None]
-
 
 class BoardMachine:
-    """One board on a desk or in a rack (or on the virtual bench, with the same code).
+    """One board on a desk or in a rack, with the ports of ``settings`` (the profile's board
+    section unless a subclass brings its own: the virtual bench).
 
-    ``events(stage, detail)`` (optional) hears about the steps before the console speaks:
-    "flash", "flashed" (the DUT reports power on and what follows).
+    Its one capability is ``reflash``. ``events(stage, detail)`` (optional) hears about the
+    steps before the console speaks: "flash", "flashed".
     """
 
-    kind = "board"
-    snapshots = False
+    kind: ClassVar[str] = "board"
+    console_is_evidence: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -55,7 +55,8 @@ class BoardMachine:
         image: Path,
         console_log: ConsoleLog,
         image_format: str = "raw",
-        events: Events | None = None,
+        settings: BoardSettings | None = None,
+        accel: tuple[str, str] = ("board", ""),
     ) -> None:
         if profile.board is None:
             raise ConfigError(f"{profile.source}: a board needs a 'board:' section")
@@ -63,36 +64,43 @@ class BoardMachine:
         self.image = image.resolve()
         self.image_format = image_format
         self.console_log = console_log
-        self.events = events
+        self.events: MachineEvents | None = None
         self.console: Console | None = None
         self.powered_on_at = 0.0
         self.prepared = False
         self.flashed = False
         self.flash_result: FlashResult | None = None
         self._on = False
-        self.bench: Any = None
         self.lock: DeviceLock | None = None
+        self._power: Power | None = None
         self.workdir = private_dir("testbed-board-")
         self.overlay = self.workdir / "disk.qcow2"
+        self.settings: BoardSettings = settings or profile.board
+        self.accel, self.accel_note = accel
         try:
-            if profile.board.bench == "virtual":
-                from testbed.machines.virtual_bench import VirtualBench
-
-                self.bench = VirtualBench(profile)
-                self.settings: BoardSettings = self.bench.settings
-                self.accel, self.accel_note = self.bench.accel, self.bench.accel_note
-            else:
-                self.settings = profile.board
-                self.accel, self.accel_note = "board", ""
-            assert self.settings.serial is not None and self.settings.power is not None
+            if self.settings.serial is None or self.settings.power is None:
+                raise ConfigError(
+                    f"{profile.source}: board {profile.name} needs board.serial and board.power "
+                    "(or --serial and --relay)"
+                )
             self.serial = self.settings.serial
             self.lock = DeviceLock(self.serial.url, what=f"board {profile.name} (serial {self.serial.url})")
             self.lock.acquire(self.settings.lock_wait)
-            self.power = make_power(self.settings.power)
+            self._power = make_power(self.settings.power)
             self.flasher = make_flasher(self.settings.flash) if self.settings.flash else None
         except BaseException:
             self.close()
             raise
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(reflash=self)
+
+    @property
+    def power(self) -> Power:
+        if self._power is None:
+            raise InfraError(f"board {self.profile.name}: its power driver was not set up")
+        return self._power
 
     def _event(self, stage: str, detail: str) -> None:
         if self.events is not None:
@@ -122,15 +130,17 @@ class BoardMachine:
         raw = self.workdir / "flash.img"
         t0 = time.monotonic()
         self._event("flash", f"writing the image to {self._flash_target()}")
-        qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(self.overlay), str(raw))
-        # Unlinked before the long write, read through /proc/self/fd: a killed run leaves no
-        # image-sized file behind.
-        fd = os.open(raw, os.O_RDONLY | os.O_CLOEXEC)
-        raw.unlink()
-        try:
-            result = self.flasher.flash(Path(f"/proc/self/fd/{fd}"))
-        finally:
-            os.close(fd)
+        with ev.step(f"flash the image to {self._flash_target()}", device=self.profile.name) as step:
+            qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(self.overlay), str(raw))
+            # Unlinked before the long write, read through /proc/self/fd: a killed run leaves no
+            # image-sized file behind.
+            fd = os.open(raw, os.O_RDONLY | os.O_CLOEXEC)
+            raw.unlink()
+            try:
+                result = self.flasher.flash(Path(f"/proc/self/fd/{fd}"))
+            finally:
+                os.close(fd)
+            step.stdout = f"{result.bytes_written} bytes to {result.target}, verified: {result.verified}"
         self.flash_result = result
         self.flashed = True
         detail = (
@@ -199,13 +209,9 @@ class BoardMachine:
         if console is not None and console.closed:
             reason = console.closed_reason or f"serial console {self.serial.url} closed"
             raise InfraError(f"{reason}; last console lines:\n{console.tail()}")
-        if self.bench is not None:
-            self.bench.check()
 
     def endpoint(self, name: str, hostname: str | None = None) -> tuple[str, int]:
         """Where sshd (``ssh``) or the engine (``engine``) answers: the profile's host, else ``<hostname>.local``."""
-        if self.bench is not None:
-            return self.bench.endpoint(name)
         ssh = self.settings.ssh
         port = {"ssh": ssh.port or self.profile.ssh.port, "engine": self.profile.dev.engine_port}[name]
         if ssh.host:
@@ -237,8 +243,6 @@ class BoardMachine:
                 "verified": self.flash_result.verified,
                 "sha256": self.flash_result.sha256,
             }
-        if self.bench is not None:
-            facts.update(self.bench.facts())
         return facts
 
     def close(self) -> None:
@@ -250,13 +254,9 @@ class BoardMachine:
                 except InfraError:
                     pass
             self._close_console()
-            closer = getattr(getattr(self, "power", None), "close", None)
-            if closer is not None:
-                closer()
+            if self._power is not None:
+                self._power.close()
         finally:
-            if self.bench is not None:
-                self.bench.close()
-                self.bench = None
             if self.lock is not None:
                 self.lock.release()
             shutil.rmtree(self.workdir, ignore_errors=True)

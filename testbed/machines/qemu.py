@@ -9,6 +9,7 @@ before QEMU starts and handed over as file descriptors, so there is nothing to p
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -18,12 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from testbed.console import Console, ConsoleLog, SocketTransport
 from testbed.errors import ConfigError, InfraError
+from testbed.machines.base import Capabilities, Machine, MachineEvents
 from testbed.profile import Profile, QemuSettings
 from testbed.util import OwnedProcess, free_port, listening_unix_socket, private_dir, qemu_img, require_tool
 
@@ -152,23 +154,35 @@ def _firmware_paths(settings: QemuSettings, source: Path | None) -> tuple[Path, 
     return code, vars_
 
 
-def machine_argv(
-    s: QemuSettings, accel: str, name: str, code: Path, vars_drive: str, disk_drive: str, nic_netdev: str
+def firmware_argv(
+    s: QemuSettings, accel: str, name: str, code: Path, vars_drive: str, memory_mib: int | None = None
 ) -> list[str]:
-    """The QEMU command line that a device type's profile defines, shared by the QEMU device and
-    the virtual bench's board: machine, accelerator, CPU, memory, firmware, the boot disk and the
-    first NIC. ``vars_drive`` and ``disk_drive`` are the ``-drive`` options after ``if=``/``id=``
-    (format, file, cache), ``nic_netdev`` the first NIC's ``-netdev``. Each caller adds its own
-    console, monitors and extra devices.
+    """The machine a device type's profile defines, up to its firmware: machine, accelerator,
+    CPU, memory and the firmware's code and variables (``vars_drive``: the ``-drive`` options
+    after ``if=pflash``). The one builder of QEMU's command line: the QEMU device, the virtual
+    bench's board (through ``machine_argv``) and the KVM probe (the firmware alone) start from it.
     """
-    disk_dev = {"virtio": "virtio-blk-pci", "nvme": "nvme,serial=testbed0", "ide": "ide-hd"}[s.disk_interface]
     cpu = "host" if accel == "kvm" else s.cpu
     return [
         s.binary, "-name", name, "-nodefaults", "-no-user-config",
-        "-machine", s.machine, "-accel", accel, "-cpu", cpu, "-m", str(s.memory_mib), "-smp", str(s.cpus),
+        "-machine", s.machine, "-accel", accel, "-cpu", cpu,
+        "-m", str(memory_mib or s.memory_mib), "-smp", str(s.cpus),
         "-display", "none", "-vga", "std",
         "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
         "-drive", f"if=pflash,{vars_drive}",
+    ]  # fmt: skip
+
+
+def machine_argv(
+    s: QemuSettings, accel: str, name: str, code: Path, vars_drive: str, disk_drive: str, nic_netdev: str
+) -> list[str]:
+    """``firmware_argv`` plus the boot disk and the first NIC: ``disk_drive`` is the ``-drive``
+    options after ``if=none,id=`` (format, file, cache), ``nic_netdev`` the first NIC's
+    ``-netdev``. Each caller adds its own console, monitors and extra devices.
+    """
+    disk_dev = {"virtio": "virtio-blk-pci", "nvme": "nvme,serial=testbed0", "ide": "ide-hd"}[s.disk_interface]
+    return [
+        *firmware_argv(s, accel, name, code, vars_drive),
         "-drive", f"if=none,id=disk0,{disk_drive}",
         "-device", f"{disk_dev},drive=disk0,bootindex=0",
         "-netdev", f"{nic_netdev},id=net0",
@@ -211,10 +225,10 @@ def _probe_kvm(profile: Profile, timeout: float) -> tuple[bool, str]:
         return False, "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is not readable and writable by this user"
-    return probe_guest(profile, "kvm", "host", timeout)
+    return probe_guest(profile, "kvm", timeout)
 
 
-def probe_guest(profile: Profile, accel: str, cpu: str, timeout: float) -> tuple[bool, str]:
+def probe_guest(profile: Profile, accel: str, timeout: float) -> tuple[bool, str]:
     """Start the profile's firmware alone under ``accel``: does it run and print?"""
     assert profile.qemu is not None
     code, vars_ = _firmware_paths(profile.qemu, profile.source)
@@ -224,10 +238,10 @@ def probe_guest(profile: Profile, accel: str, cpu: str, timeout: float) -> tuple
         qmp_l = listening_unix_socket(work / "qmp.sock")
         ser_l = listening_unix_socket(work / "serial.sock")
         argv = [
-            profile.qemu.binary, "-nodefaults", "-no-user-config", "-S", "-display", "none",
-            "-machine", profile.qemu.machine, "-accel", accel, "-cpu", cpu, "-m", "256",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
-            "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}",
+            *firmware_argv(
+                profile.qemu, accel, "testbed-accel-probe", code, f"format=raw,file={work / 'vars.fd'}", memory_mib=256
+            ),
+            "-S",
             "-chardev", f"socket,id=qmp,fd={qmp_l.fileno()},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=ser0,fd={ser_l.fileno()},server=on,wait=off",
@@ -251,13 +265,13 @@ def probe_guest(profile: Profile, accel: str, cpu: str, timeout: float) -> tuple
                 qmp.cmd("cont")
                 ss.settimeout(timeout)
                 try:
-                    first = ss.recv(1)
+                    printed = ss.recv(1)
                 except TimeoutError:
-                    first = b""
+                    printed = b""
                 status = qmp.cmd("query-status")
                 if status.get("status") != "running":
                     return False, f"the guest stopped in the firmware (status {status.get('status')})"
-                if not first:
+                if not printed:
                     return False, f"the firmware printed nothing within {timeout:g}s"
                 return True, ""
             except InfraError as exc:
@@ -275,11 +289,13 @@ class QemuMachine:
 
     ``power_on()`` starts QEMU paused, connects QMP and the console, then lets the guest
     run; ``power_cut()`` kills it at once (an abrupt power loss); powering on again uses
-    the same overlay and firmware variables, like a board whose power came back.
+    the same overlay and firmware variables, like a board whose power came back. Its
+    capabilities: snapshots, disk copies, link control and attached media. The accelerator is
+    chosen (KVM probed) in ``prepare()``.
     """
 
-    kind = "qemu"
-    snapshots = True
+    kind: ClassVar[str] = "qemu"
+    console_is_evidence: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -312,10 +328,10 @@ class QemuMachine:
         self.proc: OwnedProcess | None = None
         self.qmp: Qmp | None = None
         self.console: Console | None = None
-        self.accel, self.accel_note = probe_accel(profile)
+        self.accel, self.accel_note = "", ""
         self.powered_on_at = 0.0
         self.prepared = False
-        self.events: Callable[[str, str], None] | None = None  # boot stages for the DUT ("reset")
+        self.events: MachineEvents | None = None
         self._uart: socket.socket | None = None  # QEMU's end of the serial line, kept across restarts
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -331,9 +347,18 @@ class QemuMachine:
             return
         require_tool(self.settings.binary, "qemu-system-x86" if "x86" in self.settings.binary else "qemu-system-arm")
         _code, vars_template = _firmware_paths(self.settings, self.profile.source)
+        self.accel, self.accel_note = probe_accel(self.profile)
         qemu_img("create", "-q", "-f", "qcow2", "-F", self.image_format, "-b", str(self.image), str(self.overlay))
         qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", str(vars_template), str(self.vars))
         self.prepared = True
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(snapshots=self, disk_copy=self, link=self, media=self)
+
+    def attach_media(self, media: dict[str, Path]) -> None:
+        """Attach read-only disks from the next power on, by name (see ``media_device``)."""
+        self.media.update(media)
 
     def host_port(self, name: str) -> int:
         return self.forwards[name].host_port
@@ -474,7 +499,7 @@ class QemuMachine:
         cold path takes a few seconds where its warm reset under TCG took 15-20 s, or hung.
         """
         while True:
-            reason = _shutdown_reason(events, lambda name, of=proc: self._on_event(of, name))
+            reason = _shutdown_reason(events, functools.partial(self._on_event, proc))
             proc.proc.wait()
             with self._lock:
                 if proc is not self.proc:  # cut or closed by testbed
@@ -585,30 +610,35 @@ class QemuMachine:
         return proc is not None and proc.alive()
 
     # -- snapshots ---------------------------------------------------------------------
+    def _monitor(self, what: str) -> Qmp:
+        if self.qmp is None:
+            raise InfraError(f"{what}: {self.profile.name}'s QEMU is not running")
+        return self.qmp
+
     def save_snapshot(self, name: str) -> None:
-        assert self.qmp is not None
-        out = self.qmp.hmp(f"savevm {name}").strip()
+        out = self._monitor(f"savevm {name}").hmp(f"savevm {name}").strip()
         if out:
             raise InfraError(f"savevm {name} failed: {out}")
 
     def load_snapshot(self, name: str) -> None:
-        assert self.qmp is not None
-        out = self.qmp.hmp(f"loadvm {name}").strip()
+        out = self._monitor(f"loadvm {name}").hmp(f"loadvm {name}").strip()
         if out:
             raise InfraError(f"loadvm {name} failed: {out}")
         self.console_log.mark(f"restored snapshot {name}")
 
-    def copy_disks_to(self, other: QemuMachine) -> None:
+    def copy_disks_to(self, other: Machine) -> None:
         """Give ``other`` (a machine of the same profile, image and media, never prepared) a copy
         of this machine's overlay, with every snapshot in it, and of its firmware variables.
 
         A running QEMU is paused for the copy: stopping drains its disks and writes its cached
         qcow2 metadata to the files, and nothing changes under the copy.
         """
+        if not isinstance(other, QemuMachine):
+            raise TypeError(f"a copy of a QEMU machine's disks needs another QEMU machine, not {other.kind}")
         if other.prepared:
-            raise InfraError(f"{other.overlay} exists already: only a new machine can take a copy of the disks")
+            raise ValueError(f"{other.overlay} exists already: only a new machine can take a copy of the disks")
         if not self.prepared:
-            raise InfraError("this machine has no disks to copy yet (it was never powered on)")
+            raise ValueError("this machine has no disks to copy yet (it was never powered on)")
         with self._lock:
             running = self.qmp is not None and self.proc is not None and self.proc.alive()
             was_running = False
@@ -622,11 +652,11 @@ class QemuMachine:
             finally:
                 if was_running and self.qmp is not None:
                     self.qmp.cmd("cont")
+        other.accel, other.accel_note = self.accel, self.accel_note
         other.prepared = True
 
     def set_link(self, up: bool) -> None:
-        assert self.qmp is not None
-        self.qmp.cmd("set_link", name="net0", up=up)
+        self._monitor("set_link").cmd("set_link", name="net0", up=up)
 
     # -- end ---------------------------------------------------------------------------
     def facts(self) -> dict[str, Any]:

@@ -38,7 +38,9 @@ import tty
 from pathlib import Path
 from typing import Any
 
+from testbed.console import ConsoleLog
 from testbed.errors import ConfigError, InfraError
+from testbed.machines.board import BoardMachine
 from testbed.machines.qemu import _firmware_paths, machine_argv, probe_accel
 from testbed.power.emulator import RelayEmulator
 from testbed.profile import BoardSettings, BoardSshSettings, Profile, SerialSettings
@@ -432,4 +434,40 @@ class VirtualBench:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-__all__ = ["LoopDisk", "PtyAdapter", "VirtualBench"]
+class VirtualBoardMachine(BoardMachine):
+    """A board on the virtual bench: the Board machine's code over the bench's pty adapter,
+    relay emulator and loop disk; sshd and the engine behind the bench's port forwards."""
+
+    def __init__(self, profile: Profile, image: Path, console_log: ConsoleLog, image_format: str = "raw") -> None:
+        self.bench = VirtualBench(profile)
+        try:
+            super().__init__(
+                profile,
+                image,
+                console_log,
+                image_format,
+                self.bench.settings,
+                (self.bench.accel, self.bench.accel_note),
+            )
+        except BaseException:
+            self.bench.close()
+            raise
+
+    def check_alive(self) -> None:
+        super().check_alive()
+        self.bench.check()
+
+    def endpoint(self, name: str, hostname: str | None = None) -> tuple[str, int]:
+        return self.bench.endpoint(name)
+
+    def facts(self) -> dict[str, Any]:
+        return {**super().facts(), **self.bench.facts()}
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.bench.close()
+
+
+__all__ = ["LoopDisk", "PtyAdapter", "VirtualBench", "VirtualBoardMachine"]

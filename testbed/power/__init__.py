@@ -34,9 +34,10 @@ class Power(Protocol):
     def off(self) -> None: ...
     def cycle(self) -> None: ...
     def cut(self) -> None: ...
+    def close(self) -> None: ...
 
 
-DRIVERS: dict[str, type] = {
+DRIVERS: dict[str, type[Power]] = {
     "serial-relay": SerialRelay,
     "hid-relay": HidRelay,
     "gpio": GpioPower,
@@ -52,7 +53,7 @@ def make_power(spec: dict[str, Any], **code_args: Any) -> Power:
     manual driver, an injected HID ``device``). ConfigError names the driver, the bad
     or missing key and the allowed keys.
     """
-    return build("power", DRIVERS, spec, **code_args)  # type: ignore[no-any-return]
+    return build("power", DRIVERS, spec, **code_args)
 
 
 __all__ = [

@@ -28,6 +28,9 @@ class Switch:
     def cut(self) -> None:
         self.off()
 
+    def close(self) -> None:
+        """Let go of the driver's port or device (nothing to let go of by default)."""
+
     def cycle(self) -> None:
         self.off()
         # Not a synchronisation wait: the board's capacitors must discharge, or it may not

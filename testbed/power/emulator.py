@@ -26,7 +26,6 @@ from testbed.power.serial_relay import START, STATUS_QUERY
 log = logging.getLogger(__name__)
 
 OnChange = Callable[[int, bool], None]
-_STOP = object()
 
 
 class RelayEmulator:
@@ -66,7 +65,8 @@ class RelayEmulator:
         # when the driver closes and reopens the port.
         self.port = os.ttyname(self._slave)
         self._wake_r, self._wake_w = os.pipe()
-        self._events: queue.SimpleQueue[object] = queue.SimpleQueue()
+        # (channel, on) changes for the dispatcher; None tells it the emulator closed.
+        self._events: queue.SimpleQueue[tuple[int, bool] | None] = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read_loop, name=f"relay-emulator {self.port}", daemon=True)
         self._dispatcher = threading.Thread(
             target=self._dispatch_loop, name=f"relay-callbacks {self.port}", daemon=True
@@ -100,7 +100,7 @@ class RelayEmulator:
         self._closed = True
         os.write(self._wake_w, b"x")
         self._reader.join(5)
-        self._events.put(_STOP)
+        self._events.put(None)
         # A callback stuck in the bench must not hang the test run; the thread is a daemon.
         self._dispatcher.join(5)
         for fd in (self._master, self._slave, self._wake_r, self._wake_w):
@@ -194,9 +194,9 @@ class RelayEmulator:
     def _dispatch_loop(self) -> None:
         while True:
             event = self._events.get()
-            if event is _STOP:
+            if event is None:
                 return
-            channel, on = event  # type: ignore[misc]
+            channel, on = event
             callback = self.on_change
             if callback is None:
                 continue

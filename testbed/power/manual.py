@@ -12,11 +12,18 @@ import select
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from testbed.errors import ConfigError, InfraError
 from testbed.power.base import Switch, check_off_seconds
 from testbed.power.spec import internal
+
+
+class _Output(Protocol):
+    """Where questions go: a text stream given by code, or the tty wrapped in _TextOnBinary."""
+
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
 
 
 @dataclass
@@ -67,7 +74,7 @@ class ManualPower(Switch):
             out.flush()
             self._wait_for_enter(inp, request)
 
-    def _streams(self) -> tuple[IO[Any], IO[Any]]:
+    def _streams(self) -> tuple[IO[Any], _Output]:
         if self.input is not None and self.output is not None:
             return self.input, self.output
         if self._tty is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import serial
 
@@ -42,6 +43,20 @@ def parse_status(text: bytes) -> dict[int, bool]:
     return {int(m.group(1)): m.group(2).upper() == b"ON" for m in _STATUS_LINE.finditer(text)}
 
 
+class _Port(Protocol):
+    """What the driver uses of a port.
+
+    serial_for_url returns a class per URL scheme (a device path, socket://, rfc2217://),
+    and no base class they share declares all of these.
+    """
+
+    def write(self, data: bytes, /) -> int | None: ...
+    def flush(self) -> None: ...
+    def reset_input_buffer(self) -> None: ...
+    def read_until(self, expected: bytes = ..., size: int | None = ...) -> bytes: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class SerialRelay(Switch):
     """One channel of an LCUS serial relay module.
@@ -57,7 +72,7 @@ class SerialRelay(Switch):
     off_seconds: float = DEFAULT_OFF_SECONDS
     verify: bool = False
     answer_timeout: float = 1.0
-    _serial: serial.SerialBase | None = field(default=None, init=False, repr=False)
+    _serial: _Port | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,7 +116,7 @@ class SerialRelay(Switch):
                         f"switched {'ON' if on else 'OFF'}: the relay module is faulty or wired to another channel"
                     )
 
-    def _open(self) -> serial.SerialBase:
+    def _open(self) -> _Port:
         if self._serial is not None:
             return self._serial
         try:

@@ -17,11 +17,12 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from testbed.errors import ConfigError
 
 _INTERNAL = "testbed.internal"
+_Driver = TypeVar("_Driver")
 
 
 def internal(default: Any = None) -> Any:
@@ -81,7 +82,7 @@ def _matches(value: Any, hint: Any) -> bool:
     return True
 
 
-def build(section: str, drivers: Mapping[str, type], spec: Any, **code_args: Any) -> Any:
+def build(section: str, drivers: Mapping[str, type[_Driver]], spec: Any, **code_args: Any) -> _Driver:
     """Validate ``spec`` against ``drivers`` and construct the chosen driver.
 
     ``section`` is the profile section name ("power", "flash") used in messages.

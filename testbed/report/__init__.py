@@ -1,18 +1,20 @@
 """The run report: a JSON model written by the plugin, and JUnit XML derived from it.
 
-``report.json`` schema (version 1)::
+``report.json`` schema (version 2; built by ``testbed.report.model.build_report``)::
 
-    schema: 1
+    schema: 2
     device: str                       profile name
     run_id: str
     image: {path, sha256, format}
     started, finished: ISO 8601 UTC
-    result: passed | failed | error   (error: the lab failed, not the device)
+    result: passed | failed | error   (error: the lab or the input stood in the way, not the device)
     counts: {passed, failed, error, skipped}
     facts: {...}                      device and machine facts (OS, kernel, accelerator)
-    timings: {boot_to_ssh_s, boots: [{kind, ssh_ready_s, login_prompt_s}]}
-    tests: [{nodeid, outcome, duration_s, message, evidence: [{transport, command,
-             exit_code, stdout, stderr, started, duration_s}]}]
+    timings: {boot_to_ssh_s, boots: [{device, kind, started, accelerator, ended_by, end_s,
+              stages: [{stage, at_s, detail}], ssh_ready_s, login_prompt_s, firmware_s, kernel_s}]}
+    tests: [{nodeid, outcome, duration_s, message, kind (dut | assertion | infra | config | test),
+             evidence: [{kind (command | step | note | offline), transport, command,
+             exit_code, stdout, stderr, started, duration_s, device}]}]
     testbed: {version, host}
 """
 
@@ -21,57 +23,35 @@ from __future__ import annotations
 import json
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from testbed.report.model import (
+    EXIT_FAILED,
+    EXIT_INFRA,
+    EXIT_PASSED,
+    EXIT_USAGE,
+    SCHEMA_VERSION,
+    TestRecord,
+    counts,
+    exit_code,
+    overall_result,
+)
 
-# Exit codes of a testbed run: CI tells a device failure from a lab fault by these.
-EXIT_PASSED = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 4
-EXIT_INFRA = 75  # EX_TEMPFAIL: the lab failed, retrying may help
-
-
-@dataclass
-class TestRecord:
-    nodeid: str
-    outcome: str = "passed"
-    duration_s: float = 0.0
-    message: str = ""
-    kind: str = ""  # for failures/errors: dut | infra | config | assertion
-    evidence: list[dict[str, Any]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "nodeid": self.nodeid,
-            "outcome": self.outcome,
-            "duration_s": round(self.duration_s, 3),
-            "message": self.message,
-            "kind": self.kind,
-            "evidence": self.evidence,
-        }
-
-
-def overall_result(tests: list[TestRecord]) -> str:
-    outcomes = {t.outcome for t in tests}
-    if "failed" in outcomes:
-        return "failed"
-    if "error" in outcomes:
-        return "error"
-    return "passed"
-
-
-def exit_code_for(result: str) -> int:
-    return {"passed": EXIT_PASSED, "failed": EXIT_FAILED, "error": EXIT_INFRA}[result]
-
-
-def counts(tests: list[TestRecord]) -> dict[str, int]:
-    out = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
-    for t in tests:
-        out[t.outcome] = out.get(t.outcome, 0) + 1
-    return out
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INFRA",
+    "EXIT_PASSED",
+    "EXIT_USAGE",
+    "SCHEMA_VERSION",
+    "TestRecord",
+    "counts",
+    "exit_code",
+    "overall_result",
+    "point_latest",
+    "write_json",
+    "write_junit",
+]
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
@@ -125,8 +105,9 @@ def write_junit(path: Path, report: dict[str, Any]) -> None:
                 for e in t["evidence"]
             ]
             ET.SubElement(case, "system-out").text = "\n".join(lines)
-    tree = ET.ElementTree(ET.Element("testsuites"))
-    tree.getroot().append(suite)
+    root = ET.Element("testsuites")
+    root.append(suite)
+    tree = ET.ElementTree(root)
     ET.indent(tree)
     tree.write(path, encoding="utf-8", xml_declaration=True)
 

@@ -5,6 +5,10 @@ report.json of the device's earlier runs, for the history) and writes ``run_dir/
 one self-contained file with inline CSS and SVG, no script and no fetches, so it can be
 mailed, archived and printed as it is.
 
+The boot timeline draws only what report.json's ``timings.boots`` holds: the stages the boot
+model detected live (see timeline.py). console.log is read for one thing, the console lines
+around a failed check, which are matched to the check by their timestamps.
+
 Everything the device printed is untrusted: the templates escape every value (autoescape),
 control characters are shown as symbols, and the page's Content-Security-Policy forbids scripts.
 """
@@ -17,14 +21,16 @@ import math
 import os
 import re
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from testbed.report import timeline as tl
+from testbed.report.timeline import parse_time
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -49,7 +55,7 @@ STAGE_COLOURS = {
 }
 # What each drawn segment is: a stage runs until the next one starts; "login" is the wait for SSH.
 SEGMENT_LABELS = {
-    "boot": "power on → login prompt (stages unknown)",
+    "boot": "power on → login prompt or SSH (stages not recorded)",
     "firmware": "firmware",
     "bootloader": "bootloader",
     "kernel": "kernel",
@@ -148,17 +154,6 @@ def _article(names: str) -> str:
 
 
 # -- small formatting helpers -----------------------------------------------------------------
-def parse_time(text: Any) -> datetime | None:
-    """An ISO 8601 time as an aware UTC datetime; None if there is none or it does not parse."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
 def fmt_seconds(seconds: Any) -> str:
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or math.isnan(seconds):
         return "—"
@@ -324,6 +319,8 @@ def verdict_of(result: str, counts: dict[str, int]) -> dict[str, str]:
 # -- the boot timeline --------------------------------------------------------------------
 CHART_W = 960
 CHART_LABEL_W = 190
+CHART_LABEL_MAX_W = 380
+CHART_CHAR_W = 6.6  # the average width of a 12 px label character: sizes the label column
 CHART_RIGHT_W = 70
 CHART_ROW_H = 34
 CHART_BAR_H = 20
@@ -337,6 +334,21 @@ def _nice_step(span: float) -> float:
     return 1200
 
 
+def _label_width(labels: list[str]) -> float:
+    """The label column: 190 px, wider for the longer labels of a run with several devices."""
+    longest = max((len(label) for label in labels), default=0)
+    return min(max(CHART_LABEL_W, round(longest * CHART_CHAR_W + 14)), CHART_LABEL_MAX_W)
+
+
+def _fit(label: str, width: float) -> str:
+    """The label cut in the middle to fit ``width`` (both the device and the boot's kind stay readable)."""
+    room = int((width - 14) / CHART_CHAR_W)
+    if len(label) <= room:
+        return label
+    head = (room - 1) // 2
+    return label[:head] + "…" + label[len(label) - (room - 1 - head) :]
+
+
 def boot_chart(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Geometry of the SVG bar chart: one row per boot, a coloured segment per stage."""
     if not rows:
@@ -344,13 +356,13 @@ def boot_chart(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     span = max([r["total"] for r in rows] + [1.0])
     step = _nice_step(span)
     axis_max = math.ceil(span / step) * step
-    bar_w = CHART_W - CHART_LABEL_W - CHART_RIGHT_W
-    scale = bar_w / axis_max
+    label_w = _label_width([r["label"] for r in rows])
+    scale = (CHART_W - label_w - CHART_RIGHT_W) / axis_max
     height = len(rows) * CHART_ROW_H + CHART_AXIS_H + 8
     ticks = []
     t = 0.0
     while t <= axis_max + 1e-9:
-        ticks.append({"x": round(CHART_LABEL_W + t * scale, 1), "label": f"{t:g} s"})
+        ticks.append({"x": round(label_w + t * scale, 1), "label": f"{t:g} s"})
         t += step
     bars = []
     for i, row in enumerate(rows):
@@ -359,75 +371,85 @@ def boot_chart(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         for name, start, end in row["segments"]:
             w = max((end - start) * scale, 1.0)
             segs.append({
-                "x": round(CHART_LABEL_W + start * scale, 1), "w": round(w, 1), "name": name,
+                "x": round(label_w + start * scale, 1), "w": round(w, 1), "name": name,
                 "label": SEGMENT_LABELS.get(name, name), "colour": STAGE_COLOURS.get(name, "#94a3b8"),
                 "text": fmt_seconds(end - start) if w >= 44 else "", "tip": f"{SEGMENT_LABELS.get(name, name)}: {start:.2f}–{end:.2f} s",
             })  # fmt: skip
+        label = _fit(row["label"], label_w)
         bars.append({
             "y": y, "bar_y": y + (CHART_ROW_H - CHART_BAR_H) / 2, "text_y": y + CHART_ROW_H / 2 + 4,
-            "label": row["label"], "segments": segs, "complete": row["complete"],
-            "end_x": round(CHART_LABEL_W + row["total"] * scale + 6, 1), "total": row["total_text"],
+            "label": label, "title": row["label"] if label != row["label"] else "", "segments": segs,
+            "complete": row["complete"], "end_x": round(label_w + row["total"] * scale + 6, 1), "total": row["total_text"],
         })  # fmt: skip
     return {
         "width": CHART_W, "height": height, "bar_h": CHART_BAR_H, "bars": bars, "ticks": ticks,
-        "axis_y": len(rows) * CHART_ROW_H + 6, "plot_top": 2, "left": CHART_LABEL_W,
+        "axis_y": len(rows) * CHART_ROW_H + 6, "plot_top": 2, "left": label_w,
     }  # fmt: skip
 
 
-def timeline_context(report: dict[str, Any], console: list[tl.ConsoleLine] | None) -> dict[str, Any]:
-    """The boots for the page: full boots drawn and tabled, snapshot restores summed up in a line."""
-    if console is not None:
-        boots = tl.boots_from_lines(console)
-        full = [b for b in boots if b.source != "restore"]
-        restores = [b for b in boots if b.source == "restore"]
-        rows = []
-        for b in full:
-            row = {
-                "index": b.index, "kind": b.kind, "accelerator": b.accelerator, "start": b.start_wall,
-                "stages": {name: b.at(name) for name in tl.STAGES}, "segments": b.segments(),
-                "total": b.total_s, "complete": b.reached_ssh, "ended_by": b.ended_by,
-                "label": f"Boot {b.index} · {b.kind}", "start_line": b.start_line,
-            }  # fmt: skip
-            row["total_text"] = fmt_seconds(b.total_s) if b.reached_ssh else f"{fmt_seconds(b.total_s)} ✗"
-            rows.append(row)
-        ssh = [b.at("ssh") for b in restores if b.reached_ssh]
-        restore_text = ""
-        if restores:
-            restore_text = f"{len(restores)} snapshot restore{'s' if len(restores) != 1 else ''}"
-            if ssh:
-                lo, hi, med = min(ssh), max(ssh), statistics.median(ssh)  # type: ignore[type-var]
-                restore_text += (
-                    f": SSH ready {fmt_seconds(lo)}"
-                    if lo == hi
-                    else (f": SSH ready after {fmt_seconds(lo)} to {fmt_seconds(hi)} (median {fmt_seconds(med)})")
-                )
-            if len(ssh) < len(restores):
-                restore_text += f"; {len(restores) - len(ssh)} never got SSH back"
-        source = "console.log"
-    else:
-        rows = []
-        restore_text = ""
-        for i, b in enumerate(report["timings"].get("boots") or [], 1):
-            if not isinstance(b, dict):
-                continue
-            ssh_s, login_s = _num(b.get("ssh_ready_s")), _num(b.get("login_prompt_s"))
-            segments: list[tuple[str, float, float]] = []
-            if login_s is not None:
-                segments.append(("boot", 0.0, login_s))
-            if ssh_s is not None:
-                segments.append(("login", login_s, ssh_s) if login_s is not None else ("boot", 0.0, ssh_s))
-            total = ssh_s if ssh_s is not None else (login_s or 0.0)
-            rows.append({
-                "index": i, "kind": str(b.get("kind", "")), "accelerator": "", "start": "",
-                "stages": {"login": login_s, "ssh": ssh_s}, "segments": segments, "total": total,
-                "complete": ssh_s is not None, "ended_by": "", "label": f"Boot {i} · {b.get('kind', '')}",
-                "total_text": fmt_seconds(total), "start_line": 0,
-            })  # fmt: skip
-        source = "report.json"
+def timeline_context(report: dict[str, Any]) -> dict[str, Any]:
+    """The page's boot timeline, from report.json's ``timings.boots`` and nothing else.
+
+    Full boots are drawn (a chart row each) and tabled; snapshot restores are summed up in one
+    line. When the boots are of several devices, each row names its device, and the rows of
+    the main device (``report["device"]``) come first. Keys: ``rows``, ``chart`` (None without
+    a full boot), ``restores`` ("" without one), ``stages`` and ``stage_labels`` (the table's
+    columns), ``legend``, ``devices``, ``several_devices``, ``detailed`` (a row's stages were
+    recorded live) and ``legacy`` (a row comes from a schema-1 report: only login and SSH known).
+    """
+    boots = tl.boots_from_report(report)
+    devices = list(dict.fromkeys(b.device for b in boots))
+    several = len(devices) > 1
+    rows = [boot_row(b, several) for b in boots if not b.is_restore]
     return {
-        "rows": rows, "chart": boot_chart(rows), "restores": restore_text, "source": source,
+        "rows": rows, "chart": boot_chart(rows), "restores": restore_summary([b for b in boots if b.is_restore], several),
         "stages": list(tl.STAGES), "stage_labels": tl.STAGE_LABELS, "legend": _legend(rows),
+        "devices": devices, "several_devices": several,
+        "detailed": any(r["schema"] >= 2 for r in rows), "legacy": any(r["schema"] == 1 for r in rows),
     }  # fmt: skip
+
+
+def boot_row(boot: tl.Boot, several_devices: bool) -> dict[str, Any]:
+    """One full boot as a chart row and a table row (stage times, what showed them, undrawn stages)."""
+    kind = f" · {boot.kind}" if boot.kind else ""
+    label = f"{boot.device} · boot {boot.index}{kind}" if several_devices else f"Boot {boot.index}{kind}"
+    total = boot.total_s
+    other = [
+        {"label": f"{tl.STAGE_LABELS.get(s.name, s.name)} at {fmt_seconds(s.at_s)}", "detail": s.detail}
+        for s in boot.other_stages
+    ]
+    return {
+        "index": boot.index, "device": boot.device, "kind": boot.kind, "accelerator": boot.accelerator,
+        "start": _clock(boot.started), "stages": {name: boot.at(name) for name in tl.STAGES},
+        "details": {s.name: s.detail for s in boot.stages if s.detail}, "other": other,
+        "segments": boot.segments(), "total": total, "complete": boot.reached_ssh, "ended_by": boot.ended_by,
+        "label": label, "total_text": fmt_seconds(total) if boot.reached_ssh else f"{fmt_seconds(total)} ✗",
+        "schema": boot.schema,
+    }  # fmt: skip
+
+
+def restore_summary(restores: list[tl.Boot], several_devices: bool) -> str:
+    """The one line for the snapshot restores: how many (per device, if several), and how soon SSH was back."""
+    if not restores:
+        return ""
+    text = f"{len(restores)} snapshot restore{'s' if len(restores) != 1 else ''}"
+    if several_devices:
+        text += " (" + ", ".join(f"{d}: {n}" for d, n in Counter(b.device for b in restores).items()) + ")"
+    ssh = [s for b in restores if (s := b.at("ssh")) is not None]
+    if ssh:
+        lo, hi, med = min(ssh), max(ssh), statistics.median(ssh)
+        if lo == hi:
+            text += f": SSH ready {fmt_seconds(lo)}"
+        else:
+            text += f": SSH ready after {fmt_seconds(lo)} to {fmt_seconds(hi)} (median {fmt_seconds(med)})"
+    if len(ssh) < len(restores):
+        text += f"; {len(restores) - len(ssh)} never got SSH back"
+    return text
+
+
+def _clock(when: datetime | None) -> str:
+    """``21:50:03.512``: a boot's start as the console log writes its wall clock (UTC)."""
+    return f"{when:%H:%M:%S}.{when.microsecond // 1000:03d}" if when else ""
 
 
 def _legend(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -440,6 +462,67 @@ def _num(value: Any) -> float | None:
 
 
 # -- console excerpts ---------------------------------------------------------------------
+# Lines look like ``[21:50:01.123 +   3.456] text``: the UTC wall clock, then the seconds since
+# the last power on. testbed writes marker lines of its own (``==== testbed: power cut ====``).
+# Only the excerpts of failed checks read the console; the boot timeline does not.
+_LINE = re.compile(r"^\[(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))? \+\s*(-?\d+(?:\.\d+)?)\] ?(.*)$")
+_MARKER = re.compile(r"^==== testbed: (.*?) ====$")
+# How far the wall clock may step back before it is taken as midnight passing.
+_ROLLOVER = timedelta(hours=6)
+
+
+@dataclass
+class ConsoleLine:
+    """One line of console.log."""
+
+    no: int  # 1-based line number in the file
+    wall: str  # "HH:MM:SS.mmm" as written, "" if the line had no stamp
+    rel: float | None  # seconds since the last power on
+    text: str
+    marker: str | None = None  # the text of a testbed marker line
+    when: datetime | None = None  # absolute UTC time, once anchored to a date
+
+    @property
+    def seconds_of_day(self) -> float | None:
+        if not self.wall:
+            return None
+        h, m, s = self.wall.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def read_console(path: Path) -> list[ConsoleLine]:
+    """All lines of a console.log; lines without a stamp keep the stamp of the line before."""
+    lines: list[ConsoleLine] = []
+    wall, rel = "", None
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for no, raw in enumerate(fh, 1):
+            raw = raw.rstrip("\n")
+            m = _LINE.match(raw)
+            if m:
+                hh, mm, ss, frac, rel_s, text = m.groups()
+                wall = f"{hh}:{mm}:{ss}.{(frac or '0').ljust(3, '0')[:3]}"
+                rel = float(rel_s)
+            else:
+                text = raw
+            mk = _MARKER.match(text)
+            lines.append(ConsoleLine(no=no, wall=wall, rel=rel, text=text, marker=mk.group(1) if mk else None))
+    return lines
+
+
+def anchor(lines: list[ConsoleLine], day: date) -> None:
+    """Give each line its absolute time: the wall clock on ``day``, moving to the next day when it steps back."""
+    offset = 0
+    last: float | None = None
+    for line in lines:
+        sod = line.seconds_of_day
+        if sod is None:
+            continue
+        if last is not None and sod + _ROLLOVER.total_seconds() < last:
+            offset += 1
+        last = sod
+        line.when = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=offset, seconds=sod)
+
+
 @dataclass
 class Excerpt:
     caption: str
@@ -450,7 +533,7 @@ class Excerpt:
 _BAD = re.compile(r"\[FAILED\]|\b(error|fail(ed|ure)?|panic|oops|BUG|segfault|call trace|timed out)\b", re.IGNORECASE)
 
 
-def _console_line(line: tl.ConsoleLine) -> dict[str, Any]:
+def _console_line(line: ConsoleLine) -> dict[str, Any]:
     cls = "mk" if line.marker is not None else "bad" if _BAD.search(line.text) else ""
     return {"no": line.no, "wall": line.wall, "text": line.text, "cls": cls}
 
@@ -464,7 +547,7 @@ def _spans(test: dict[str, Any]) -> list[tuple[datetime, datetime]]:
     return out
 
 
-def console_excerpt(index: int, tests: list[dict[str, Any]], console: list[tl.ConsoleLine] | None) -> Excerpt:
+def console_excerpt(index: int, tests: list[dict[str, Any]], console: list[ConsoleLine] | None) -> Excerpt:
     """The console around test ``index``.
 
     If the test's commands carry start times, the console lines from 2 s before its first
@@ -525,7 +608,7 @@ def console_excerpt(index: int, tests: list[dict[str, Any]], console: list[tl.Co
     )
 
 
-def _anchor_console(console: list[tl.ConsoleLine], report: dict[str, Any]) -> None:
+def _anchor_console(console: list[ConsoleLine], report: dict[str, Any]) -> None:
     """Put the console's wall clock on the run's date, to compare it with the commands' start times."""
     started = parse_time(report["started"])
     if started is None:  # an older or partial report: the first command's time will do
@@ -537,11 +620,11 @@ def _anchor_console(console: list[tl.ConsoleLine], report: dict[str, Any]) -> No
     started_sod = started.hour * 3600 + started.minute * 60 + started.second
     if first + 6 * 3600 < started_sod:  # the console started after midnight
         day += timedelta(days=1)
-    tl.anchor(console, day)
+    anchor(console, day)
 
 
 # -- the checks ---------------------------------------------------------------------------
-def checks_context(report: dict[str, Any], console: list[tl.ConsoleLine] | None) -> list[dict[str, Any]]:
+def checks_context(report: dict[str, Any], console: list[ConsoleLine] | None) -> list[dict[str, Any]]:
     tests = report["tests"]
     suites: dict[str, dict[str, Any]] = {}
     used_ids: set[str] = set()
@@ -724,9 +807,9 @@ def report_context(run_dir: Path) -> dict[str, Any]:
     report_path = run_dir / "report.json"
     report = load_report(report_path)
     console_path = run_dir / "console.log"
-    console: list[tl.ConsoleLine] | None = None
+    console: list[ConsoleLine] | None = None
     if console_path.is_file():
-        console = tl.read_console(console_path)
+        console = read_console(console_path)
         _anchor_console(console, report)
     counts = {o: int(report["counts"].get(o) or 0) for o in OUTCOMES}
     suites = checks_context(report, console)
@@ -741,7 +824,7 @@ def report_context(run_dir: Path) -> dict[str, Any]:
         "failures": [c for c in bad if c["outcome"] == "failed"],
         "lab_faults": [c for c in bad if c["outcome"] == "error"],
         "facts": facts_context(report),
-        "timeline": timeline_context(report, console),
+        "timeline": timeline_context(report),
         "suites": suites,
         "history": history_context(run_dir, report),
         "started": fmt_time(parse_time(report["started"])),

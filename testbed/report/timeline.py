@@ -1,33 +1,44 @@
-"""The boots in a run's console.log, and when each reached firmware, bootloader, kernel, userspace, login and SSH.
+"""The boots of a run as report.json records them, in the shape the boot timeline draws.
 
-console.log lines look like ``[21:50:01.123 +   3.456] text``: the UTC wall clock, then the
-seconds since the last power on. testbed writes marker lines of its own
-(``==== testbed: power on (tcg) ====``, ``==== testbed: ssh ready after 17.2s (cold) ====``,
-``==== testbed: restored snapshot ready ====``, ``==== testbed: power cut ====``).
+testbed's boot model detects each boot's stages once, live, while the device runs, and the
+plugin writes them into report.json's ``timings.boots`` (schema 2). This module reads only that
+list and never looks at console.log, so the timeline shows exactly what the run recorded. (The
+console excerpts of failed checks in html.py still read console.log: they show lines, not stages.)
 
-A boot starts at a power on marker, at a snapshot restore, or, inside a running machine,
-when the firmware or a kernel starts again after the previous boot got as far as its kernel
-(a reboot). In a boot, the stages are found in order, each at its first line:
+A boot in schema 2::
 
-- firmware: the first line the guest prints (OVMF: ``BdsDxe: ...``)
-- bootloader: the first line with ``GRUB`` or ``Booting`` before the kernel
-- kernel: ``Linux version``
-- userspace: systemd's ``Welcome to`` or the first ``[  OK  ]``
-- login: a ``login:`` prompt
-- ssh: testbed's ``ssh ready`` marker
+    {"device": "qemu-x86_64", "kind": "cold", "started": "2026-12-02T13:40:01.123+00:00",
+     "accelerator": "tcg", "ended_by": "ssh ready", "end_s": 22.5,
+     "stages": [{"stage": "firmware", "at_s": 2.8, "detail": "BdsDxe: loading Boot0001 ..."}, ...]}
 
-Times are seconds since the boot started, from the ``+`` column (it runs on across a
-restore or a reboot, so differences stay right), or from the wall clock where a line has none.
+Times are seconds since the boot started (power on, the reset of a reboot, a snapshot restore).
+The drawn stages are firmware, bootloader, kernel, userspace, login, ssh and restore. Each one
+starts a segment of the boot's bar that runs until the next stage starts. Other stage names
+(reset, flash, flashed) are kept for the table but not drawn. A boot without an ssh stage never
+got there: its bar runs to ``end_s``.
+
+Older reports (schema 1) have boots without ``stages``, only ``ssh_ready_s`` and
+``login_prompt_s``. ``upgrade_boot`` turns such a boot into the new shape, with a ``boot`` stage
+at 0 that stands for "power on, stages not recorded", so the drawing code has a single path.
+
+Odd values do not stop the page. Entries that are not objects, stages without a name or a
+finite time, and repeated stages are left out. Negative times count as 0, and stages are put in
+order of time.
 """
 
 from __future__ import annotations
 
-import re
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime
+from typing import Any
 
-STAGES = ("firmware", "bootloader", "kernel", "userspace", "login", "ssh")
+STAGES = ("firmware", "bootloader", "kernel", "userspace", "login", "ssh")  # the table's columns
+# The stages a bar can start with; a bar that starts with none of them starts with the firmware,
+# which runs from power on until the next stage (before the firmware's first output, too).
+ORIGINS = ("restore", "boot", "firmware")
+DRAWN = (*STAGES, "restore", "boot")
 STAGE_LABELS = {
     "firmware": "firmware",
     "bootloader": "bootloader",
@@ -36,238 +47,171 @@ STAGE_LABELS = {
     "login": "login prompt",
     "ssh": "SSH ready",
     "restore": "snapshot restore",
+    "boot": "power on",
+    "reset": "reset",
+    "flash": "flashing",
+    "flashed": "flashed",
 }
-
-_LINE = re.compile(r"^\[(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))? \+\s*(-?\d+(?:\.\d+)?)\] ?(.*)$")
-_MARKER = re.compile(r"^==== testbed: (.*?) ====$")
-_SSH_READY = re.compile(r"^ssh ready after ([0-9.]+)s(?: \(([^)]*)\))?")
-_POWER_ON = re.compile(r"^power on(?: \(([^)]*)\))?")
-_RESTORED = re.compile(r"^restored snapshot ?(.*)$")
-
-# Signs of a new boot inside a running machine: firmware output, the kernel's last words, or
-# a kernel starting at 0.000000 (a `cat /proc/version` in a test prints "Linux version" too).
-_FIRMWARE_RESTART = re.compile(r"BdsDxe|reboot: Restarting system|^\[\s*0\.0+\] Linux version ")
-_BOOTLOADER = re.compile(r"GRUB|Booting")
-_KERNEL = re.compile(r"Linux version ")
-_USERSPACE = re.compile(r"^\s*Welcome to |^\[  OK  \]")
-_LOGIN = re.compile(r"login: ?$|login: ")
-
-# How far the wall clock may step back before it is taken as midnight passing.
-_ROLLOVER = timedelta(hours=6)
+DETAIL_MAX = 160  # the plugin writes 80 characters; this only stops a runaway value
 
 
-@dataclass
-class ConsoleLine:
-    """One line of console.log."""
-
-    no: int  # 1-based line number in the file
-    wall: str  # "HH:MM:SS.mmm" as written, "" if the line had no stamp
-    rel: float | None  # seconds since the last power on
-    text: str
-    marker: str | None = None  # the text of a testbed marker line
-    when: datetime | None = None  # absolute UTC time, once anchored to a date
-
-    @property
-    def seconds_of_day(self) -> float | None:
-        if not self.wall:
-            return None
-        h, m, s = self.wall.split(":")
-        return int(h) * 3600 + int(m) * 60 + float(s)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Stage:
+    """A stage a boot reached: seconds since the boot started, and what showed it."""
+
     name: str
-    at_s: float  # seconds since the boot started
-    wall: str
-    line_no: int
-    text: str
+    at_s: float
+    detail: str = ""
 
 
 @dataclass
 class Boot:
-    """One boot seen on the console."""
+    """One boot of one device, from report.json."""
 
-    index: int  # 1-based
-    source: str  # power-on | reboot | restore | log-start
-    kind: str  # cold | reboot | power-cycle | restore | ... (testbed's word, from its ssh marker when there is one)
+    device: str
+    index: int  # 1-based, among this device's boots in the order report.json lists them
+    kind: str  # cold | reboot | power-cycle | restore | reflash | wait, or "" if not recorded
+    started: datetime | None = None  # UTC wall time of the boot's start
     accelerator: str = ""
-    start_wall: str = ""
-    start_line: int = 0
-    end_line: int = 0
-    end_s: float = 0.0  # the last line of the boot, seconds since its start
-    ended_by: str = ""  # ssh ready | power cut | reboot | power on | restore | end of log
-    reported_ssh_s: float | None = None  # what testbed's marker said
-    stages: dict[str, Stage] = field(default_factory=dict)
-    _origin_rel: float | None = None
-    _origin_sod: float | None = None
+    ended_by: str = ""
+    end_s: float = 0.0  # the last moment the boot was seen; never before its last stage
+    stages: list[Stage] = field(default_factory=list)  # in order of time, each name at most once
+    schema: int = 2  # 1: upgraded from an older report that recorded only login and SSH
+
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
 
     def at(self, name: str) -> float | None:
-        stage = self.stages.get(name)
-        return stage.at_s if stage else None
+        """Seconds since the start at which the boot reached ``name``; None if it did not."""
+        found = self.stage(name)
+        return found.at_s if found else None
 
     @property
     def reached_ssh(self) -> bool:
-        return "ssh" in self.stages
+        return self.stage("ssh") is not None
+
+    @property
+    def is_restore(self) -> bool:
+        return self.kind == "restore" or self.stage("restore") is not None
 
     @property
     def total_s(self) -> float:
-        return self.at("ssh") if self.reached_ssh else self.end_s  # type: ignore[return-value]
+        """The bar's length: SSH ready, or for a boot that never got there the last moment it was seen."""
+        ssh = self.at("ssh")
+        return ssh if ssh is not None else self.end_s
+
+    @property
+    def other_stages(self) -> list[Stage]:
+        """The stages that are not drawn (reset, flash, flashed, names this version does not know)."""
+        return [s for s in self.stages if s.name not in DRAWN]
 
     def segments(self) -> list[tuple[str, float, float]]:
-        """The phases of the boot as (name, start_s, end_s): firmware until the bootloader starts, and so on.
+        """The phases of the bar as (name, start_s, end_s): each drawn stage until the next one starts.
 
-        The last phase runs to SSH ready; a boot that never got there ends with the phase it was stuck in.
+        The bar starts at 0 with its origin (restore, boot, or the firmware) and ends at SSH ready.
+        A boot that never got there ends with the phase it was stuck in, at ``end_s``.
         """
-        first = "restore" if self.source == "restore" else "firmware"
-        points: list[tuple[str, float]] = [(first, 0.0)]
-        points += [(s.name, s.at_s) for s in self.stages.values() if s.name != "firmware"]
+        drawn = [s for s in self.stages if s.name in DRAWN]
+        origin = drawn[0].name if drawn and drawn[0].name in ORIGINS else "firmware"
+        points: list[tuple[str, float]] = [(origin, 0.0)]
+        for s in drawn:
+            if s.name in ORIGINS:
+                continue
+            points.append((s.name, s.at_s))
+            if s.name == "ssh":  # what came after SSH is in the table, not in the bar
+                break
         segments = [(points[i][0], points[i][1], points[i + 1][1]) for i in range(len(points) - 1)]
         if not self.reached_ssh and self.end_s > points[-1][1]:
             segments.append((points[-1][0], points[-1][1], self.end_s))
-        return [seg for seg in segments if seg[2] >= seg[1]]
+        return segments
 
 
-def read_console(path: Path) -> list[ConsoleLine]:
-    """All lines of a console.log; lines without a stamp keep the stamp of the line before."""
-    lines: list[ConsoleLine] = []
-    wall, rel = "", None
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for no, raw in enumerate(fh, 1):
-            raw = raw.rstrip("\n")
-            m = _LINE.match(raw)
-            if m:
-                hh, mm, ss, frac, rel_s, text = m.groups()
-                wall = f"{hh}:{mm}:{ss}.{(frac or '0').ljust(3, '0')[:3]}"
-                rel = float(rel_s)
-            else:
-                text = raw
-            mk = _MARKER.match(text)
-            lines.append(ConsoleLine(no=no, wall=wall, rel=rel, text=text, marker=mk.group(1) if mk else None))
-    return lines
+def boots_from_report(report: Mapping[str, Any]) -> list[Boot]:
+    """Every boot in ``report["timings"]["boots"]``: the main device's first, then each other device's.
 
-
-def anchor(lines: list[ConsoleLine], day: date) -> None:
-    """Give each line its absolute time: the wall clock on ``day``, moving to the next day when it steps back."""
-    offset = 0
-    last: float | None = None
-    for line in lines:
-        sod = line.seconds_of_day
-        if sod is None:
-            continue
-        if last is not None and sod + _ROLLOVER.total_seconds() < last:
-            offset += 1
-        last = sod
-        line.when = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=offset, seconds=sod)
-
-
-def parse_boots(console_log_path: Path) -> list[Boot]:
-    """The boots in a console.log, each with the seconds at which it reached each stage."""
-    return boots_from_lines(read_console(Path(console_log_path)))
-
-
-def boots_from_lines(lines: list[ConsoleLine]) -> list[Boot]:
+    The main device is ``report["device"]`` (the profile name, which is its DUT's name); a boot
+    without a device belongs to it. Within a device the boots keep report.json's order.
+    """
+    timings = report.get("timings")
+    raw = timings.get("boots") if isinstance(timings, Mapping) else None
+    main = _text(report.get("device"))
+    counts: dict[str, int] = {}
     boots: list[Boot] = []
-    current: Boot | None = None
-    power_ons = 0
-
-    def start(line: ConsoleLine, source: str, kind: str, accelerator: str = "") -> Boot:
-        nonlocal current
-        if current is not None and not current.ended_by:
-            current.ended_by = {"power-on": "power on", "restore": "restore"}.get(source, source)
-        boot = Boot(
-            index=len(boots) + 1, source=source, kind=kind, accelerator=accelerator,
-            start_wall=line.wall, start_line=line.no, end_line=line.no,
-            _origin_rel=line.rel, _origin_sod=line.seconds_of_day,
-        )  # fmt: skip
-        if current is not None and not accelerator:
-            boot.accelerator = current.accelerator
-        boots.append(boot)
-        current = boot
-        return boot
-
-    for line in lines:
-        if line.marker is not None:
-            text = line.marker
-            if m := _POWER_ON.match(text):
-                power_ons += 1
-                start(line, "power-on", "cold" if power_ons == 1 else "power on", m.group(1) or "")
-                continue
-            if m := _RESTORED.match(text):
-                start(line, "restore", "restore")
-                continue
-            if current is None:
-                continue
-            current.end_line = line.no
-            current.end_s = max(current.end_s, _since(current, line))
-            if m := _SSH_READY.match(text):
-                if "ssh" not in current.stages:
-                    _add(current, "ssh", line)
-                    current.reported_ssh_s = float(m.group(1))
-                    if m.group(2):
-                        current.kind = m.group(2)
-                    current.ended_by = "ssh ready"
-            elif text.startswith("power cut") and not current.ended_by:
-                current.ended_by = "power cut"
+    for item in raw if isinstance(raw, list) else []:
+        if not isinstance(item, Mapping):
             continue
+        device = _text(item.get("device")) or main
+        counts[device] = counts.get(device, 0) + 1
+        boots.append(boot_from_dict(item, counts[device], device))
+    order = {name: i for i, name in enumerate(dict.fromkeys([main, *(b.device for b in boots)]))}
+    return sorted(boots, key=lambda b: order[b.device])  # a stable sort: each device's boots keep their order
 
-        if current is None:
-            if not line.text.strip():
-                continue
-            start(line, "log-start", "boot")
-        assert current is not None
-        if current.ended_by == "power cut":
-            continue  # nothing runs after the power is cut; stray bytes are not a boot
-        level = _level(current)
-        if level >= STAGES.index("kernel") and _FIRMWARE_RESTART.search(line.text):
-            start(line, "reboot", "reboot")
-            current.end_line = line.no
-            if "reboot: Restarting system" in line.text:
-                continue
-            level = -1
-        current.end_line = line.no
-        current.end_s = max(current.end_s, _since(current, line))
-        if current.source == "restore" or not line.text.strip():
+
+def boot_from_dict(data: Mapping[str, Any], index: int, device: str) -> Boot:
+    """One boot of report.json, of either schema, as a Boot (``index`` and ``device`` as the caller counted)."""
+    schema = 2
+    if not isinstance(data.get("stages"), list):
+        data, schema = upgrade_boot(data), 1
+    stages = _stages(data["stages"])
+    end_s = max([_seconds(data.get("end_s")) or 0.0, *(s.at_s for s in stages)])
+    return Boot(
+        device=device, index=index, kind=_text(data.get("kind")), started=parse_time(data.get("started")),
+        accelerator=_text(data.get("accelerator")), ended_by=_text(data.get("ended_by")), end_s=end_s,
+        stages=stages, schema=schema,
+    )  # fmt: skip
+
+
+def upgrade_boot(old: Mapping[str, Any]) -> dict[str, Any]:
+    """A schema-1 boot (``kind``, ``ssh_ready_s``, ``login_prompt_s``) in the schema-2 shape.
+
+    Schema 1 did not record the stages before the login prompt, so the boot starts with a
+    ``boot`` stage at 0 ("power on, stages not recorded"), or ``restore`` for a snapshot restore.
+    It is drawn as the old report.json path drew it: power on to login prompt, then to SSH.
+    """
+    ssh, login = _seconds(old.get("ssh_ready_s")), _seconds(old.get("login_prompt_s"))
+    first = "restore" if old.get("kind") == "restore" else "boot"
+    stages: list[dict[str, Any]] = [{"stage": first, "at_s": 0.0, "detail": "stages not recorded (report schema 1)"}]
+    if login is not None:
+        stages.append({"stage": "login", "at_s": login, "detail": ""})
+    if ssh is not None:
+        stages.append({"stage": "ssh", "at_s": ssh, "detail": ""})
+    end_s = ssh if ssh is not None else login if login is not None else 0.0
+    return {**old, "stages": stages, "end_s": end_s}
+
+
+def parse_time(text: Any) -> datetime | None:
+    """An ISO 8601 time as an aware UTC datetime; None if there is none or it does not parse."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _stages(raw: list[Any]) -> list[Stage]:
+    """The valid stages of a boot, in order of time; a repeated name keeps its first entry."""
+    stages: dict[str, Stage] = {}
+    for item in raw:
+        if not isinstance(item, Mapping):
             continue
-        stage = _stage_of(line.text, level)
-        if stage is not None:
-            _add(current, stage, line)
-    return boots
+        name, at_s = _text(item.get("stage")), _seconds(item.get("at_s"))
+        if not name or at_s is None or name in stages:
+            continue
+        detail = _text(item.get("detail"))
+        if len(detail) > DETAIL_MAX:
+            detail = detail[: DETAIL_MAX - 1] + "…"
+        stages[name] = Stage(name=name, at_s=at_s, detail=detail)
+    return sorted(stages.values(), key=lambda s: s.at_s)  # stable: equal times keep their order
 
 
-def _level(boot: Boot) -> int:
-    return max((STAGES.index(name) for name in boot.stages), default=-1)
+def _seconds(value: Any) -> float | None:
+    """A finite number of seconds, at least 0; None for anything else (bools, strings, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return max(float(value), 0.0)
 
 
-def _stage_of(text: str, level: int) -> str | None:
-    """The first stage after ``level`` that this line starts, if any."""
-    checks = (
-        ("bootloader", _BOOTLOADER),
-        ("kernel", _KERNEL),
-        ("userspace", _USERSPACE),
-        ("login", _LOGIN),
-    )
-    for name, pattern in checks:
-        if STAGES.index(name) > level and pattern.search(text):
-            if name == "bootloader" and level >= STAGES.index("kernel"):
-                return None
-            return name
-    if level < 0:
-        return "firmware"
-    return None
-
-
-def _since(boot: Boot, line: ConsoleLine) -> float:
-    if boot._origin_rel is not None and line.rel is not None and line.rel >= boot._origin_rel:
-        return round(line.rel - boot._origin_rel, 3)
-    sod = line.seconds_of_day
-    if boot._origin_sod is not None and sod is not None:
-        diff = sod - boot._origin_sod
-        if diff < -_ROLLOVER.total_seconds():
-            diff += 86400
-        return round(max(diff, 0.0), 3)
-    return 0.0
-
-
-def _add(boot: Boot, name: str, line: ConsoleLine) -> None:
-    boot.stages[name] = Stage(name=name, at_s=_since(boot, line), wall=line.wall, line_no=line.no, text=line.text)
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
