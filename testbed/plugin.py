@@ -255,8 +255,9 @@ class TestbedSession:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.run_dir is None:
             return
-        main = self.devices[0] if self.devices and self.devices[0].name == self.device_name else None
-        cold = next((b.ssh_ready_s for b in (main.boots if main else []) if b.kind == "cold" and b.ssh_ready_s), None)
+        main = self.profile.name if self.profile is not None else ""
+        boots = [b for d in self.devices if d.name == main for b in d.boots]
+        cold = next((b.ssh_ready_s for b in boots if b.kind == "cold" and b.ssh_ready_s), None)
         tests = list(self.tests.values())
         c = rep.counts(tests)
         terminalreporter.write_sep("-", "testbed")

@@ -443,36 +443,15 @@ def _align(value: int, unit: int = MIB) -> int:
     return -(-value // unit) * unit
 
 
-class _Builder:
-    """One build, from the recipe to the image in ``staging``."""
+class _Runner:
+    """Runs the build's commands with the build's PATH, each logged to build.log."""
 
-    def __init__(
-        self,
-        options: BuildOptions,
-        cache: Path,
-        staging: Path,
-        digest: str,
-        log: Log,
-        build_log: Path,
-        *,
-        force: bool = False,
-    ):
-        self.options = options
-        self.force = force
-        self.cache = cache
-        self.staging = staging
-        self.digest = digest
-        self.log = log
-        self.work = staging / "work"
-        self.rootfs = self.work / "rootfs"
-        self.apt_cache = cache / "apt-archives"
+    def __init__(self, build_log: Path, log: Log, tool_path: str) -> None:
         self.build_log = build_log
-        self.recipe = RECIPE_DIR
-        self.tool_path = os.pathsep.join([os.environ.get("PATH", os.defpath), *_SBIN_PATH])
+        self.log = log
+        self.tool_path = tool_path
 
-    # -- helpers -----------------------------------------------------------
-
-    def _run(
+    def run(
         self,
         argv: list[str],
         *,
@@ -532,6 +511,175 @@ class _Builder:
             raise BuildError(f"{Path(argv[0]).name} failed with exit code {code} (full log: {self.build_log}):\n{tail}")
         return output
 
+
+class _DiskBuilder:
+    """The image's filesystems and its partition table, from the customized root tree."""
+
+    def __init__(self, run: Callable[..., str], log: Log, work: Path, staging: Path, rootfs: Path, recipe: Path):
+        self._run = run
+        self.log = log
+        self.work = work
+        self.staging = staging
+        self.rootfs = rootfs
+        self.recipe = recipe
+
+    def ext4(self, label: str, size: int, tree: Path | None, *, reserved: int | None = None) -> Path:
+        out = self.work / f"{label}.ext4"
+        with open(out, "wb") as handle:
+            handle.truncate(size)
+        argv = ["mkfs.ext4", "-q", "-F", "-L", label, "-E", "lazy_journal_init=1"]
+        if reserved is not None:
+            argv += ["-m", str(reserved)]
+        if tree is not None:
+            argv += ["-d", str(tree)]
+        self.log(f"mkfs.ext4 {label} ({size // MIB} MiB)")
+        self._run(argv + [str(out)])
+        return out
+
+    def state_tree(self) -> Path:
+        """resin-state content: root-overlay/<path> for each path in /etc/state-binds."""
+        tree = self.work / "state"
+        overlay = tree / "root-overlay"
+        overlay.mkdir(parents=True)
+        binds = (self.rootfs / "etc/state-binds").read_text().split()
+        for path in binds:
+            if not path.startswith("/"):
+                continue
+            source = self.rootfs / path.lstrip("/")
+            target = overlay / path.lstrip("/")
+            if not source.exists():
+                raise BuildError(f"{path} is listed in /etc/state-binds but missing from the root filesystem")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._run(["cp", "-a", str(source), str(target)])
+        return tree
+
+    def data_tree(self) -> Path:
+        tree = self.work / "data"
+        (tree / "containers").mkdir(parents=True)
+        return tree
+
+    def boot_filesystem(self) -> Path:
+        """resin-boot: GRUB for EFI, its configuration and environment, config.json."""
+        boot = self.recipe / "boot"
+        grub = self.work / "grub"
+        grub.mkdir()
+        efi = grub / "BOOTX64.EFI"
+        self.log("grub-mkimage: EFI/BOOT/BOOTX64.EFI")
+        # The embedded configuration runs before GRUB's script parser is
+        # loaded: plain commands only, no comments.
+        early = grub / "early.cfg"
+        early.write_text(
+            "".join(
+                line
+                for line in (boot / "grub-early.cfg").read_text().splitlines(keepends=True)
+                if line.strip() and not line.lstrip().startswith("#")
+            )
+        )
+        self._run(
+            [
+                "grub-mkimage",
+                "-O",
+                "x86_64-efi",
+                "-d",
+                str(GRUB_PLATFORM_DIR),
+                "-o",
+                str(efi),
+                "-p",
+                "/EFI/BOOT",
+                "-c",
+                str(early),
+                *GRUB_MODULES,
+            ]
+        )
+        grubenv = grub / "grubenv"
+        self._run(["grub-editenv", str(grubenv), "create"])
+        self._run(["grub-editenv", str(grubenv), "set", *(f"{k}={v}" for k, v in GRUBENV_DEFAULTS)])
+
+        out = self.work / "resin-boot.vfat"
+        size = PARTITIONS[0].size
+        assert size is not None
+        self._run(["mkfs.vfat", "-n", "resin-boot", "-C", str(out), str(size // 1024)])
+        mtools = {"MTOOLS_SKIP_CHECK": "1"}
+        image = f"{out}"
+        self._run(["mmd", "-i", image, "::EFI", "::EFI/BOOT", "::system-connections"], env=mtools)
+        for source, target in (
+            (efi, "::EFI/BOOT/BOOTX64.EFI"),
+            (boot / "grub.cfg", "::EFI/BOOT/grub.cfg"),
+            (grubenv, "::grubenv"),
+            (boot / "config.json", "::config.json"),
+        ):
+            self._run(["mcopy", "-o", "-i", image, str(source), target], env=mtools)
+        return out
+
+    def assemble(self, sizes: dict[str, int], filesystems: dict[str, Path]) -> list[_LaidOut]:
+        """Partition a sparse disk image and copy the filesystems into it."""
+        image = self.staging / IMAGE_NAME
+        start = MIB
+        layout: list[_LaidOut] = []
+        script = ["label: gpt", "unit: sectors", "first-lba: 2048", ""]
+        for number, part in enumerate(PARTITIONS, 1):
+            size = sizes[part.label]
+            layout.append(
+                {
+                    "number": number,
+                    "label": part.label,
+                    "fstype": part.fstype,
+                    "type": part.type_guid,
+                    "start": start,
+                    "size": size,
+                    "start_sector": start // SECTOR,
+                    "size_sectors": size // SECTOR,
+                }
+            )
+            script.append(f'start={start // SECTOR}, size={size // SECTOR}, type={part.type_guid}, name="{part.label}"')
+            start += size
+        total = start + MIB  # room for the backup GPT
+        with open(image, "wb") as handle:
+            handle.truncate(total)
+        self.log(f"sfdisk: GPT with {len(PARTITIONS)} partitions, {total // MIB} MiB image")
+        self._run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)], stdin="\n".join(script) + "\n")
+        table = json.loads(self._run(["sfdisk", "--json", str(image)]))["partitiontable"]["partitions"]
+        for entry, row in zip(layout, table, strict=False):
+            if row["start"] != entry["start_sector"] or row["size"] != entry["size_sectors"]:
+                raise BuildError(f"sfdisk laid out {entry['label']} differently: {row}")
+            entry["uuid"] = row.get("uuid")
+        with open(image, "r+b") as dst:
+            for entry in layout:
+                src = filesystems[entry["label"]]
+                _sparse_copy(src, dst.fileno(), entry["start"], entry["size"])
+                src.unlink()
+        return layout
+
+
+class _Builder:
+    """One build, from the recipe to the image in ``staging``."""
+
+    def __init__(
+        self,
+        options: BuildOptions,
+        cache: Path,
+        staging: Path,
+        digest: str,
+        log: Log,
+        build_log: Path,
+        *,
+        force: bool = False,
+    ):
+        self.options = options
+        self.force = force
+        self.cache = cache
+        self.staging = staging
+        self.digest = digest
+        self.log = log
+        self.work = staging / "work"
+        self.rootfs = self.work / "rootfs"
+        self.apt_cache = cache / "apt-archives"
+        self.build_log = build_log
+        self.recipe = RECIPE_DIR
+        tool_path = os.pathsep.join([os.environ.get("PATH", os.defpath), *_SBIN_PATH])
+        self._run = _Runner(build_log, log, tool_path).run
+        self.disk = _DiskBuilder(self._run, log, self.work, staging, self.rootfs, self.recipe)
+
     # -- steps ---------------------------------------------------------------
 
     def run(self) -> None:
@@ -544,17 +692,18 @@ class _Builder:
         self._prune_apt_cache(packages)
         kernel = self._kernel_version()
 
-        boot = self._boot_filesystem()
+        disk = self.disk
+        boot = disk.boot_filesystem()
         root_size = self._root_size()
         sizes = {p.label: (p.size if p.size is not None else root_size) for p in PARTITIONS}
         filesystems = {
             "resin-boot": boot,
-            "resin-rootA": self._ext4("resin-rootA", sizes["resin-rootA"], self.rootfs, reserved=0),
-            "resin-rootB": self._ext4("resin-rootB", sizes["resin-rootB"], None, reserved=0),
-            "resin-state": self._ext4("resin-state", sizes["resin-state"], self._state_tree()),
-            "resin-data": self._ext4("resin-data", sizes["resin-data"], self._data_tree()),
+            "resin-rootA": disk.ext4("resin-rootA", sizes["resin-rootA"], self.rootfs, reserved=0),
+            "resin-rootB": disk.ext4("resin-rootB", sizes["resin-rootB"], None, reserved=0),
+            "resin-state": disk.ext4("resin-state", sizes["resin-state"], disk.state_tree()),
+            "resin-data": disk.ext4("resin-data", sizes["resin-data"], disk.data_tree()),
         }
-        layout = self._assemble(sizes, filesystems)
+        layout = disk.assemble(sizes, filesystems)
         _remove_tree(self.work)
 
         seconds = round(time.monotonic() - started, 1)
@@ -708,133 +857,6 @@ class _Builder:
         size = _align(int(content * (1 + ROOT_HEADROOM)) + ROOT_METADATA)
         self.log(f"root filesystem: {content / MIB:.0f} MiB of content, partitions of {size // MIB} MiB")
         return size
-
-    def _ext4(self, label: str, size: int, tree: Path | None, *, reserved: int | None = None) -> Path:
-        out = self.work / f"{label}.ext4"
-        with open(out, "wb") as handle:
-            handle.truncate(size)
-        argv = ["mkfs.ext4", "-q", "-F", "-L", label, "-E", "lazy_journal_init=1"]
-        if reserved is not None:
-            argv += ["-m", str(reserved)]
-        if tree is not None:
-            argv += ["-d", str(tree)]
-        self.log(f"mkfs.ext4 {label} ({size // MIB} MiB)")
-        self._run(argv + [str(out)])
-        return out
-
-    def _state_tree(self) -> Path:
-        """resin-state content: root-overlay/<path> for each path in /etc/state-binds."""
-        tree = self.work / "state"
-        overlay = tree / "root-overlay"
-        overlay.mkdir(parents=True)
-        binds = (self.rootfs / "etc/state-binds").read_text().split()
-        for path in binds:
-            if not path.startswith("/"):
-                continue
-            source = self.rootfs / path.lstrip("/")
-            target = overlay / path.lstrip("/")
-            if not source.exists():
-                raise BuildError(f"{path} is listed in /etc/state-binds but missing from the root filesystem")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._run(["cp", "-a", str(source), str(target)])
-        return tree
-
-    def _data_tree(self) -> Path:
-        tree = self.work / "data"
-        (tree / "containers").mkdir(parents=True)
-        return tree
-
-    def _boot_filesystem(self) -> Path:
-        """resin-boot: GRUB for EFI, its configuration and environment, config.json."""
-        boot = self.recipe / "boot"
-        grub = self.work / "grub"
-        grub.mkdir()
-        efi = grub / "BOOTX64.EFI"
-        self.log("grub-mkimage: EFI/BOOT/BOOTX64.EFI")
-        # The embedded configuration runs before GRUB's script parser is
-        # loaded: plain commands only, no comments.
-        early = grub / "early.cfg"
-        early.write_text(
-            "".join(
-                line
-                for line in (boot / "grub-early.cfg").read_text().splitlines(keepends=True)
-                if line.strip() and not line.lstrip().startswith("#")
-            )
-        )
-        self._run(
-            [
-                "grub-mkimage",
-                "-O",
-                "x86_64-efi",
-                "-d",
-                str(GRUB_PLATFORM_DIR),
-                "-o",
-                str(efi),
-                "-p",
-                "/EFI/BOOT",
-                "-c",
-                str(early),
-                *GRUB_MODULES,
-            ]
-        )
-        grubenv = grub / "grubenv"
-        self._run(["grub-editenv", str(grubenv), "create"])
-        self._run(["grub-editenv", str(grubenv), "set", *(f"{k}={v}" for k, v in GRUBENV_DEFAULTS)])
-
-        out = self.work / "resin-boot.vfat"
-        size = PARTITIONS[0].size
-        assert size is not None
-        self._run(["mkfs.vfat", "-n", "resin-boot", "-C", str(out), str(size // 1024)])
-        mtools = {"MTOOLS_SKIP_CHECK": "1"}
-        image = f"{out}"
-        self._run(["mmd", "-i", image, "::EFI", "::EFI/BOOT", "::system-connections"], env=mtools)
-        for source, target in (
-            (efi, "::EFI/BOOT/BOOTX64.EFI"),
-            (boot / "grub.cfg", "::EFI/BOOT/grub.cfg"),
-            (grubenv, "::grubenv"),
-            (boot / "config.json", "::config.json"),
-        ):
-            self._run(["mcopy", "-o", "-i", image, str(source), target], env=mtools)
-        return out
-
-    def _assemble(self, sizes: dict[str, int], filesystems: dict[str, Path]) -> list[_LaidOut]:
-        """Partition a sparse disk image and copy the filesystems into it."""
-        image = self.staging / IMAGE_NAME
-        start = MIB
-        layout: list[_LaidOut] = []
-        script = ["label: gpt", "unit: sectors", "first-lba: 2048", ""]
-        for number, part in enumerate(PARTITIONS, 1):
-            size = sizes[part.label]
-            layout.append(
-                {
-                    "number": number,
-                    "label": part.label,
-                    "fstype": part.fstype,
-                    "type": part.type_guid,
-                    "start": start,
-                    "size": size,
-                    "start_sector": start // SECTOR,
-                    "size_sectors": size // SECTOR,
-                }
-            )
-            script.append(f'start={start // SECTOR}, size={size // SECTOR}, type={part.type_guid}, name="{part.label}"')
-            start += size
-        total = start + MIB  # room for the backup GPT
-        with open(image, "wb") as handle:
-            handle.truncate(total)
-        self.log(f"sfdisk: GPT with {len(PARTITIONS)} partitions, {total // MIB} MiB image")
-        self._run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)], stdin="\n".join(script) + "\n")
-        table = json.loads(self._run(["sfdisk", "--json", str(image)]))["partitiontable"]["partitions"]
-        for entry, row in zip(layout, table, strict=False):
-            if row["start"] != entry["start_sector"] or row["size"] != entry["size_sectors"]:
-                raise BuildError(f"sfdisk laid out {entry['label']} differently: {row}")
-            entry["uuid"] = row.get("uuid")
-        with open(image, "r+b") as dst:
-            for entry in layout:
-                src = filesystems[entry["label"]]
-                _sparse_copy(src, dst.fileno(), entry["start"], entry["size"])
-                src.unlink()
-        return layout
 
 
 def _read_packages(path: Path) -> list[str]:

@@ -388,6 +388,9 @@ def write_image(
     regular file target that is missing or empty is created with the image's size; one
     that exists counts as a device of its size. I/O failures and a failed verification
     are InfraError.
+
+    Long on purpose: one pass from the refusals through the write to the read-back, with the
+    target's descriptor, the running sha256 and the zeroing method shared by every step.
     """
     image = Path(image)
     if not image.is_file():

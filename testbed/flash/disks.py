@@ -214,7 +214,8 @@ def _read_int(path: Path, default: int = 0) -> int:
 def check_target(path: Path, *, allow_file: bool = False) -> Target:
     """Decide whether ``path`` may receive a whole image; ConfigError says why not.
 
-    Reads only: nothing is opened for writing here.
+    Reads only: nothing is opened for writing here. Long on purpose: an ordered list of
+    refusals, each with its own message and fix, the cheapest and most certain first.
     """
     try:
         st = os.stat(path)

@@ -92,14 +92,16 @@ class Machine(Protocol):
     console_is_evidence: ClassVar[bool]
     prepared: bool
     overlay: Path
-    console: Console | None
-    powered_on_at: float
     accel: str
     accel_note: str
     events: MachineEvents | None
 
     @property
     def capabilities(self) -> Capabilities: ...
+    @property
+    def console(self) -> Console | None: ...
+    @property
+    def powered_on_at(self) -> float: ...
 
     def prepare(self) -> None: ...
     def power_on(self) -> Console: ...

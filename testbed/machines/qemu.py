@@ -8,29 +8,20 @@ before QEMU starts and handed over as file descriptors, so there is nothing to p
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import json
 import os
 import shutil
 import socket
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
-from testbed.console import Console, ConsoleLog, SocketTransport
+from testbed.console import Console, ConsoleLog
 from testbed.errors import ConfigError, InfraError
 from testbed.machines.base import Capabilities, Machine, MachineEvents
+from testbed.machines.qemu_process import QemuProcess
+from testbed.machines.qmp import Qmp
 from testbed.profile import Profile, QemuSettings
 from testbed.util import OwnedProcess, free_port, listening_unix_socket, private_dir, qemu_img, require_tool
-
-# Why QEMU exits after a reset (QMP SHUTDOWN reasons) when it should come back as a new boot.
-RESTART_REASONS = {"guest-reset", "host-qmp-system-reset"}
 
 _accel_cache: dict[tuple[str, str], tuple[str, str]] = {}
 
@@ -52,95 +43,6 @@ class TapNic(Protocol):
 
     @property
     def mac(self) -> str: ...
-
-
-class Qmp:
-    """A thin synchronous QMP client (qemu.qmp) on an already connected socket."""
-
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        # qemu.qmp's synchronous shim runs on the creating thread's event loop, so two
-        # machines' clients would share one; a QEMU restarted from another thread then tried to
-        # run that loop while it was running ("coroutine 'wait_for' was never awaited"). Each
-        # client gets its own loop.
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        self._mon = QEMUMonitorProtocol(sock)
-        self._mon.settimeout(timeout)
-        self._mon.connect()
-
-    def cmd(self, _command: str, **args: Any) -> Any:
-        reply = self._mon.cmd_obj({"execute": _command, "arguments": args} if args else {"execute": _command})
-        if "error" in reply:
-            raise InfraError(f"QMP {_command} failed: {reply['error'].get('desc', reply['error'])}")
-        return reply.get("return")
-
-    def hmp(self, command_line: str) -> str:
-        return str(self.cmd("human-monitor-command", **{"command-line": command_line}))
-
-    def event(self, names: set[str], timeout: float) -> dict[str, Any] | None:
-        """The next event among ``names``, or None when ``timeout`` passes first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                ev = self._mon.pull_event(wait=float(remaining))
-            except TimeoutError:
-                return None
-            if ev and ev.get("event") in names:
-                return ev
-
-    def close(self) -> None:
-        try:
-            self._mon.close()
-        except Exception:  # noqa: BLE001 - QEMU may already be gone; closing must not fail.
-            return  # the client's finaliser may still need its loop
-        self._loop.close()
-
-
-def _events_handshake(sock: socket.socket) -> None:
-    """Enter command mode on an events-only QMP monitor (then only events arrive)."""
-    sock.settimeout(30)
-    reader = sock.makefile("rb")
-    if not reader.readline():
-        raise InfraError("QEMU's event monitor closed before its greeting")
-    sock.sendall(b'{"execute": "qmp_capabilities"}\n')
-    if b"return" not in reader.readline():
-        raise InfraError("QEMU's event monitor refused qmp_capabilities")
-    sock.settimeout(None)
-
-
-def _shutdown_reason(sock: socket.socket, on_event: Callable[[str], None] | None = None) -> str:
-    """Read events until QEMU closes the monitor; return the last SHUTDOWN's reason ("" if none).
-    ``on_event`` is called with the name of every event."""
-    reason = ""
-    with sock, sock.makefile("rb") as reader:
-        for line in reader:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            name = str(message.get("event", ""))
-            if name == "SHUTDOWN":
-                reason = str(message.get("data", {}).get("reason", ""))
-            if name and on_event is not None:
-                on_event(name)
-    return reason
-
-
-def _discard_input(sock: socket.socket | None) -> None:
-    """Drop what was typed on the serial line but never read by the QEMU that is gone."""
-    if sock is None:
-        return
-    sock.setblocking(False)
-    try:
-        while sock.recv(65536):
-            pass
-    except (BlockingIOError, OSError):
-        pass
-    finally:
-        sock.setblocking(True)
 
 
 def _firmware_paths(settings: QemuSettings, source: Path | None) -> tuple[Path, Path]:
@@ -325,20 +227,58 @@ class QemuMachine:
         # NICs after net0 (the user-mode NIC that carries SSH and the engine), on taps whose
         # descriptors stay open in testbed across power cycles.
         self.lab_nics = list(lab_nics or [])
-        self.proc: OwnedProcess | None = None
-        self.qmp: Qmp | None = None
-        self.console: Console | None = None
         self.accel, self.accel_note = "", ""
-        self.powered_on_at = 0.0
         self.prepared = False
         self.events: MachineEvents | None = None
-        self._uart: socket.socket | None = None  # QEMU's end of the serial line, kept across restarts
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
-        self._ended: OwnedProcess | None = None  # the QEMU that stopped by itself, not to be restarted
-        self._restart_error = ""
-        # When the guest of the running QEMU first set a NIC's receive filter (see network_up).
-        self._nic_up_at: float | None = None
+        self.process = QemuProcess(
+            profile.name, console_log, self.workdir, self.argv, [nic.fd for nic in self.lab_nics], self._reset_seen
+        )
+
+    def _reset_seen(self, reason: str) -> None:
+        if self.events is not None:
+            self.events("reset", reason)
+
+    # -- power (the process does it) -----------------------------------------------------
+    @property
+    def console(self) -> Console | None:
+        return self.process.console
+
+    @property
+    def powered_on_at(self) -> float:
+        return self.process.powered_on_at
+
+    def power_on(self) -> Console:
+        """Start QEMU and the guest; return the console, already being drained."""
+        self.prepare()
+        return self.process.start(self.accel)
+
+    def power_cut(self) -> None:
+        """An abrupt power loss: the process is killed, nothing is flushed or shut down."""
+        self.process.cut()
+
+    def power_off(self, timeout: float) -> None:
+        """An ACPI shutdown; cut the power if the guest has not stopped in time."""
+        self.process.power_off(timeout)
+
+    def is_on(self) -> bool:
+        return self.process.is_on()
+
+    def check_alive(self) -> None:
+        """Raise InfraError if QEMU died (used between waits)."""
+        self.process.check_alive()
+
+    def network_up(self) -> bool | None:
+        """Whether the guest has brought a NIC up since this boot's power on or reset, or None
+        where that cannot be seen.
+
+        A virtio NIC tells QEMU its receive filter when the guest's driver opens it (QMP event
+        NIC_RX_FILTER_CHANGED): from then on an SSH probe can reach the guest. Probes sent
+        before that are held by the user-mode network and all reach sshd at once when the NIC
+        comes up, each costing the guest an sshd process at the busiest moment of its boot.
+        """
+        if not self.settings.nic.startswith("virtio-net"):
+            return None
+        return self.process.nic_up()
 
     # -- disks -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -422,198 +362,12 @@ class QemuMachine:
             args += ["-device", f"{self.settings.nic},netdev={netdev},mac={nic.mac}"]
         return args
 
-    # -- power -------------------------------------------------------------------------
-    def power_on(self) -> Console:
-        """Start QEMU and the guest; return the console, already being drained."""
-        with self._lock:
-            if self.proc is not None and self.proc.alive():
-                raise InfraError("power_on: the machine is already on")
-            # Off by itself (a guest power-off): let go of that power-on's QMP and console.
-            self.proc = None
-            self._release()
-            self.prepare()
-            # The serial line is a socket pair whose QEMU end testbed keeps too: when QEMU is
-            # restarted after a guest reset, the console reads on, like a board's UART.
-            host_end, self._uart = socket.socketpair()
-            self.console = Console(
-                SocketTransport(host_end), self.console_log, name=f"{self.profile.name} serial console"
-            )
-            try:
-                proc, self.qmp, events = self._spawn()
-            except BaseException:
-                self._uart.close()
-                self._uart = None
-                self.console.close()
-                self.console = None
-                raise
-            self.proc = proc
-            self._ended = None
-            self.console_log.mark(f"power on ({self.accel})")
-            self.powered_on_at = time.monotonic()
-            self.qmp.cmd("cont")
-            # The thread that restarts QEMU must outlive it: the child's death signal follows
-            # the thread that started it. So one thread watches every QEMU of this power-on.
-            threading.Thread(
-                target=self._supervise, args=(proc, events), name=f"{self.profile.name}-qemu-supervisor", daemon=True
-            ).start()
-            return self.console
-
-    def _spawn(self) -> tuple[OwnedProcess, Qmp, socket.socket]:
-        """Start QEMU paused on the overlay and the serial line; return it, its QMP client and
-        the socket of its second monitor, on which only events are read."""
-        assert self._uart is not None
-        self._nic_up_at = None
-        qmp_ours, qmp_theirs = socket.socketpair()
-        events_ours, events_theirs = socket.socketpair()
-        fds = [qmp_theirs.fileno(), events_theirs.fileno(), self._uart.fileno(), *(nic.fd for nic in self.lab_nics)]
-        try:
-            proc = OwnedProcess(
-                self.argv(qmp_theirs.fileno(), self._uart.fileno(), events_theirs.fileno()),
-                pass_fds=fds,
-                stderr_path=self.workdir / "qemu.stderr",
-            )
-        except BaseException:
-            qmp_ours.close()
-            events_ours.close()
-            raise
-        finally:
-            # Only QEMU holds these ends now, so its exit is an end of file here.
-            qmp_theirs.close()
-            events_theirs.close()
-        try:
-            qmp = Qmp(qmp_ours, timeout=30)
-            _events_handshake(events_ours)
-        except Exception as exc:  # noqa: BLE001
-            tail = proc.stderr_tail()
-            proc.kill()
-            qmp_ours.close()
-            events_ours.close()
-            raise InfraError(f"QEMU did not start: {tail or exc}") from None
-        return proc, qmp, events_ours
-
-    def _supervise(self, proc: OwnedProcess, events: socket.socket) -> None:
-        """Watch QEMU until it exits; after a reset, start it again on the same disks.
-
-        A reset makes QEMU exit (``-action reboot=shutdown``) and a new QEMU boots: the same
-        as a reset for the guest (RAM is not kept across a reboot anyway), and the firmware's
-        cold path takes a few seconds where its warm reset under TCG took 15-20 s, or hung.
-        """
-        while True:
-            reason = _shutdown_reason(events, functools.partial(self._on_event, proc))
-            proc.proc.wait()
-            with self._lock:
-                if proc is not self.proc:  # cut or closed by testbed
-                    return
-                if reason not in RESTART_REASONS:
-                    self._ended = proc  # off by itself (a guest power-off, or a crash)
-                    self._changed.notify_all()
-                    return
-                t0 = time.monotonic()
-                if self.qmp is not None:
-                    self.qmp.close()
-                    self.qmp = None
-                _discard_input(self._uart)
-                try:
-                    proc, self.qmp, events = self._spawn()
-                    self.proc = proc
-                    self.console_log.mark(
-                        f"reset ({reason}): QEMU restarted on the same disks in {time.monotonic() - t0:.1f}s"
-                    )
-                    if self.events is not None:
-                        self.events("reset", reason)
-                    self.qmp.cmd("cont")
-                except InfraError as exc:
-                    self._ended = self.proc
-                    self._restart_error = f"restarting QEMU after a reset failed: {exc}"
-                    self._changed.notify_all()
-                    return
-                self._changed.notify_all()
-
-    def _on_event(self, proc: OwnedProcess, name: str) -> None:
-        if proc is not self.proc:  # a late event of a QEMU that was cut
-            return
-        if name == "NIC_RX_FILTER_CHANGED" and self._nic_up_at is None:
-            self._nic_up_at = time.monotonic()
-        elif name == "RESET":
-            self._nic_up_at = None
-
-    def network_up(self) -> bool | None:
-        """Whether the guest has brought a NIC up since this boot's power on or reset, or None
-        where that cannot be seen.
-
-        A virtio NIC tells QEMU its receive filter when the guest's driver opens it (QMP event
-        NIC_RX_FILTER_CHANGED): from then on an SSH probe can reach the guest. Probes sent
-        before that are held by the user-mode network and all reach sshd at once when the NIC
-        comes up, each costing the guest an sshd process at the busiest moment of its boot.
-        """
-        if not self.settings.nic.startswith("virtio-net"):
-            return None
-        return self._nic_up_at is not None
-
-    def _settled_proc(self) -> OwnedProcess | None:
-        """The QEMU process, once a restart after a reset (if one is due) has happened."""
-        with self._lock:
-            deadline = time.monotonic() + 60
-            while (
-                self.proc is not None
-                and not self.proc.alive()
-                and self._ended is not self.proc
-                and time.monotonic() < deadline
-            ):
-                self._changed.wait(timeout=1.0)
-            return self.proc
-
-    def check_alive(self) -> None:
-        """Raise InfraError if QEMU died (used between waits)."""
-        proc = self._settled_proc()
-        if proc is None or not proc.alive():
-            code = proc.proc.returncode if proc else None
-            tail = self._restart_error or (proc.stderr_tail() if proc else "")
-            raise InfraError(f"QEMU exited (code {code}): {tail}")
-
-    def power_cut(self) -> None:
-        """An abrupt power loss: the process is killed, nothing is flushed or shut down."""
-        with self._lock:
-            if self.proc is not None:
-                proc, self.proc = self.proc, None
-                proc.kill()
-                self.console_log.mark("power cut")
-            self._release()
-
-    def _release(self) -> None:
-        """Close the QMP client, the serial line and the console of the last power-on."""
-        with self._lock:
-            if self.qmp is not None:
-                self.qmp.close()
-                self.qmp = None
-            if self._uart is not None:
-                self._uart.close()
-                self._uart = None
-            if self.console is not None:
-                self.console.close()
-                self.console = None
-            self._restart_error = ""
-            self._changed.notify_all()
-
-    def power_off(self, timeout: float) -> None:
-        """An ACPI shutdown; cut the power if the guest has not stopped in time."""
-        if self.qmp is not None and self.proc is not None and self.proc.alive():
-            try:
-                self.qmp.cmd("system_powerdown")
-                self.qmp.event({"SHUTDOWN"}, timeout)
-            except InfraError:
-                pass
-        self.power_cut()
-
-    def is_on(self) -> bool:
-        proc = self._settled_proc()
-        return proc is not None and proc.alive()
-
     # -- snapshots ---------------------------------------------------------------------
     def _monitor(self, what: str) -> Qmp:
-        if self.qmp is None:
+        qmp = self.process.qmp
+        if qmp is None:
             raise InfraError(f"{what}: {self.profile.name}'s QEMU is not running")
-        return self.qmp
+        return qmp
 
     def save_snapshot(self, name: str) -> None:
         out = self._monitor(f"savevm {name}").hmp(f"savevm {name}").strip()
@@ -639,19 +393,17 @@ class QemuMachine:
             raise ValueError(f"{other.overlay} exists already: only a new machine can take a copy of the disks")
         if not self.prepared:
             raise ValueError("this machine has no disks to copy yet (it was never powered on)")
-        with self._lock:
-            running = self.qmp is not None and self.proc is not None and self.proc.alive()
-            was_running = False
-            if running:
-                assert self.qmp is not None
-                was_running = bool(self.qmp.cmd("query-status").get("running"))
-                self.qmp.cmd("stop")
+        with self.process.lock:
+            qmp = self.process.qmp if self.process.is_on() else None
+            was_running = bool(qmp.cmd("query-status").get("running")) if qmp is not None else False
+            if qmp is not None and was_running:
+                qmp.cmd("stop")
             try:
                 shutil.copyfile(self.overlay, other.overlay)
                 shutil.copyfile(self.vars, other.vars)
             finally:
-                if was_running and self.qmp is not None:
-                    self.qmp.cmd("cont")
+                if qmp is not None and was_running:
+                    qmp.cmd("cont")
         other.accel, other.accel_note = self.accel, self.accel_note
         other.prepared = True
 

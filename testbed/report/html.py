@@ -41,6 +41,7 @@ KIND_LABELS = {
     "assertion": "the check's expectation was not met",
     "infra": "the emulator, console or host failed, not the device",
     "config": "the profile, image or options are wrong",
+    "test": "a bug in the check or in testbed: not the device's fault, not the lab's",
     "other": "unexpected exception in the test",
 }
 STAGE_COLOURS = {
@@ -83,6 +84,7 @@ def load_report(path: Path) -> dict[str, Any]:
 
     Unknown fields are kept and ignored; missing optional ones get defaults. A file that is
     not JSON, not an object, or has fields of the wrong type raises ReportError naming it.
+    Long on purpose: one line per field of the schema, in the schema's order.
     """
     path = Path(path)
     try:
@@ -676,6 +678,8 @@ def _problem_title(outcome: str, kind: str) -> str:
         prefix = "Lab fault"
     elif kind == "config":
         prefix = "Configuration error"
+    elif kind == "test":
+        prefix = "Broken check"
     else:
         prefix = "Error"
     detail = KIND_LABELS.get(kind, kind)
