@@ -86,7 +86,7 @@ def smoke(args: argparse.Namespace, extra: list[str]) -> int:
         return code if code else EXIT_INFRA
     data = json.loads(report.read_text())
     c = data["counts"]
-    boots = data.get("timings", {}).get("boots", [])
+    boots = [b for b in data.get("timings", {}).get("boots", []) if b.get("device", data["device"]) == data["device"]]
     cold = next((b for b in boots if b.get("kind") == "cold"), boots[0] if boots else {})
     stages = ", ".join(
         f"{name} {cold[key]:.1f}s"

@@ -71,10 +71,18 @@ def test_smoke_run_writes_a_passing_report_and_leaves_the_image_untouched(
     assert report["timings"]["boot_to_ssh_s"] > 0
     assert {t["outcome"] for t in report["tests"]} == {"passed"}
     assert len(report["tests"]) == 4
+    fields = {"kind", "transport", "command", "exit_code", "stdout", "stderr", "started", "duration_s", "device"}
     for test in report["tests"]:
         assert test["evidence"], f"{test['nodeid']} kept no evidence"
         for ev in test["evidence"]:
-            assert set(ev) == {"transport", "command", "exit_code", "stdout", "stderr", "started", "duration_s"}
+            assert set(ev) == fields
+    # The power on is a step on the check that booted the device; the boot's stages are in the report.
+    steps = [ev["command"] for test in report["tests"] for ev in test["evidence"] if ev["kind"] == "step"]
+    assert "power on (cold)" in steps and "save snapshot ready" in steps, steps
+    cold = next(b for b in report["timings"]["boots"] if b["kind"] == "cold")
+    stages = [s["stage"] for s in cold["stages"]]
+    assert stages[0] == "firmware" and stages[-1] == "ssh" and "kernel" in stages, stages
+    assert cold["ssh_ready_s"] == report["timings"]["boot_to_ssh_s"]
     junit = (latest / "junit.xml").read_text()
     assert 'name="image_sha256"' in junit and before in junit
     console = (latest / "console.log").read_text()
