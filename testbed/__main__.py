@@ -1,4 +1,5 @@
-"""``python -m testbed certify|smoke``: certify an image on a device, or smoke-test a board on the desk.
+"""``python -m testbed certify|smoke|console|inspect``: certify an image on a device, smoke-test a board
+on the desk, get a shell on a device, or see what an image holds without booting it.
 
 ``certify`` runs the suites with pytest once per mode (development, then production),
 each in its own process and report directory, then prints one verdict line per mode.
@@ -16,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+from testbed import desk, inspect
 from testbed.report import EXIT_FAILED, EXIT_INFRA, EXIT_PASSED, EXIT_USAGE
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
@@ -30,16 +33,25 @@ def _latest_report(report_dir: Path, before: set[Path]) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
+def _pytest_options(extra: list[str]) -> list[str]:
+    """What goes to pytest: the options testbed did not take, a leading ``--`` dropped."""
+    return extra[1:] if extra and extra[0] == "--" else extra
+
+
 def certify(args: argparse.Namespace, extra: list[str]) -> int:
     report_dir = Path(args.report_dir)
     codes = []
     lines = []
+    extra = _pytest_options(extra)
     for mode in args.modes.split(","):
         before = set(report_dir.glob("*/*/report.json"))
         argv = [sys.executable, "-m", "pytest", str(SUITES), "-p", "no:cacheprovider", "--mode", mode]
         argv += ["--device", args.device, "--report-dir", str(report_dir)]
         if args.image:
             argv += ["--image", args.image]
+        if args.dry_run:
+            print(shlex.join(argv[1:] + extra))
+            continue
         print(f"==> certify {args.device} in {mode} mode: {' '.join(argv[3:])}", flush=True)
         code = subprocess.call(argv + extra)
         codes.append(code)
@@ -55,6 +67,8 @@ def certify(args: argparse.Namespace, extra: list[str]) -> int:
             lines.append(f"{mode:12} no report (exit {code})")
         if code == EXIT_USAGE:
             break
+    if args.dry_run:
+        return EXIT_PASSED
     print("\n".join(["", f"certification of {args.device}:", *lines]))
     if EXIT_USAGE in codes:
         return EXIT_USAGE
@@ -75,8 +89,10 @@ def smoke(args: argparse.Namespace, extra: list[str]) -> int:
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option.replace('_', '-')}", str(value)]
-    if extra and extra[0] == "--":
-        extra = extra[1:]
+    extra = _pytest_options(extra)
+    if args.dry_run:
+        print(shlex.join(argv[1:] + extra))
+        return EXIT_PASSED
     print(f"==> smoke {args.device}: {' '.join(argv[3:] + extra)}", flush=True)
     # Unbuffered, so the boot stages show as they happen even through a pipe.
     code = subprocess.call(argv + extra, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -121,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--image", default=None, help="default: the reference image, built on demand")
     c.add_argument("--modes", default="development,production")
     c.add_argument("--report-dir", default="reports")
+    c.add_argument("--dry-run", action="store_true", help="print the pytest command of each mode, run nothing")
     sm = sub.add_parser(
         "smoke",
         help="run the smoke suite on one device (a board on the desk), boot stages live",
@@ -136,7 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--ssh-host", default=None, help="the board's address HOST[:PORT] (default <hostname>.local)")
     sm.add_argument("--lock-wait", type=float, default=None, help="seconds to wait if another run holds the board")
     sm.add_argument("--report-dir", default="reports")
+    sm.add_argument("--dry-run", action="store_true", help="print the pytest command, run nothing")
+    desk.add_console_parser(sub)
+    ins = sub.add_parser(
+        "inspect",
+        help="show what an OS image holds, offline (no boot); exit 1 if it has problems",
+        description=inspect.DESCRIPTION,
+        epilog=inspect.EPILOG,
+    )
+    inspect.add_arguments(ins)
     args, extra = parser.parse_known_args(argv)
+    if args.command == "inspect":
+        return inspect.main(args, extra)
+    if args.command == "console":
+        if extra:
+            parser.error(f"console: unrecognized arguments: {' '.join(extra)}")
+        return desk.console_main(args)
     if args.command == "smoke":
         return smoke(args, extra)
     return certify(args, extra)

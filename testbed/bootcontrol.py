@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from testbed.boot import BootModel, BootRecord
+from testbed.console import Console
 from testbed.errors import DutError, InfraError
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class BootControl:
         with self.dut.step(f"power on ({kind})"):
             console = machine.power_on()
         record = self.model.powered_on(kind, machine.powered_on_at, machine.accel)
-        console.watchers.append(self.model.on_console_line)
+        self._watch(console)
         # What the console showed before the watcher was attached (a board's firmware speaks
         # at once); a line seen twice changes nothing.
         for line in console.lines():
@@ -109,7 +110,11 @@ class BootControl:
     def attach_console(self) -> None:
         """Power the machine on for a restore (its state comes from the snapshot, not a boot)."""
         if not self.dut.machine.is_on():
-            self.dut.machine.power_on().watchers.append(self.model.on_console_line)
+            self._watch(self.dut.machine.power_on())
+
+    def _watch(self, console: Console) -> None:
+        """The console's lines go to the boot model and to the device's trouble log."""
+        console.watchers += [self.model.on_console_line, self.dut.trouble.on_line]
 
     def finish_power_on(self, timeout: float | None = None) -> BootRecord:
         """Wait for SSH after ``power_on(wait=False)``; its times count from the power on."""

@@ -442,15 +442,23 @@ class Console:
 
     def drain(self) -> None:
         """Forget what was read so far, so the next expect sees only new output."""
+        self.read_available()
+        self.spawn.buffer = ""
+
+    def read_available(self) -> bytes:
+        """What the device printed since the last read, without waiting (an interactive terminal
+        reads it this way; the console log has it all anyway)."""
+        chunks: list[bytes] = []
         while True:
             try:
                 item = self._rx.get_nowait()
             except queue.Empty:
                 break
-            if item is None:
+            if item is None:  # the end of the stream stays for the next reader
                 self._rx.put(None)
                 break
-        self.spawn.buffer = ""
+            chunks.append(item)
+        return b"".join(chunks)
 
     def sendline(self, line: str) -> None:
         self.spawn.sendline(line)
@@ -466,11 +474,12 @@ class Console:
             idx = self.expect([r"[Pp]assword: ?$", r"[#$] ?$"], timeout, "a shell prompt after logging in")
             if idx == 0:
                 raise DutError(f"{self.name} asks a password for {user}: serial login needs a passwordless account")
-            # One line so it is one round trip: a known prompt, no echo, no bracketed
-            # paste, no kernel messages between command output.
+            # One line so it is one round trip: a known prompt, no echo, no bracketed paste, and
+            # only the kernel's warnings and worse between command output (they are the trouble
+            # testbed/trouble.py watches for; the chatter below them would garble commands).
             self.sendline(
                 "export PS1='TB-SH''# ' PS2='' TERM=dumb; stty -echo; bind 'set enable-bracketed-paste off' 2>/dev/null;"
-                " dmesg -n 1 2>/dev/null; unset PROMPT_COMMAND"
+                " dmesg -n 5 2>/dev/null; unset PROMPT_COMMAND"
             )
             self.expect(re.escape(SHELL_PROMPT), timeout, "the prepared shell prompt")
             self.logged_in = True

@@ -31,6 +31,7 @@ from testbed.profile import Profile
 from testbed.provision import provision
 from testbed.snapshots import SnapshotStore
 from testbed.ssh import METHODS, AuthRefused, SshClient, load_or_create_key
+from testbed.trouble import TroubleLog
 from testbed.util import cache_dir
 
 # The running root's label: root=LABEL=... on the kernel command line, else the partition name
@@ -180,6 +181,7 @@ class DUT:
         self.lab_nics = list(lab_nics or [])
         self.config: dict[str, Any] = {}
         self.boot = BootControl(self, BootModel(self.name, profile.console, listener))
+        self.trouble = TroubleLog(self.name)
         machine.events = self.boot.model.on_machine_event
         self.key = load_or_create_key(cache_dir() / "keys" / "id_ed25519")
         host, port = self._ssh_endpoint(required=False)

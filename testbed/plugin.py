@@ -9,7 +9,9 @@ records to ``testbed.report.model`` when the session ends. The order of checks i
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,16 +21,16 @@ from typing import Any
 import pytest
 
 from testbed import events as ev
+from testbed import inputs, schedule
 from testbed import report as rep
-from testbed import schedule
 from testbed.dut import DUT, open_dut
 from testbed.errors import ConfigError, DutError, InfraError
 from testbed.lab.network import LabNetwork
 from testbed.machines import provides
-from testbed.profile import Profile, apply_board_overrides, load_profile
+from testbed.profile import Profile
 from testbed.report.model import RunInfo, TestRecord, build_report, image_facts
 
-DEFAULT_DEVICE = "qemu-x86_64"
+DEFAULT_DEVICE = inputs.DEFAULT_DEVICE
 SESSION_KEY = pytest.StashKey["TestbedSession"]()
 
 
@@ -50,6 +52,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)"
     )
     group.addoption("--boot-stages", action="store_true", help="print boot stages (power on, firmware, kernel, ...)")
+    group.addoption(
+        "--keep-on-failure",
+        action="store_true",
+        help="when a check fails, keep the devices running after the session and say how to reach them "
+        "(waits for Enter; refused under CI=true)",
+    )
     hup = parser.getgroup("testbed-hup", "testbed: the hup suite (A/B host OS updates)")
     hup.addoption(
         "--hup-bundle",
@@ -84,8 +92,8 @@ def classify(exc: BaseException | None) -> str:
         return "config"
     if isinstance(exc, DutError):
         return "dut"
-    if isinstance(exc, AssertionError):
-        return "assertion"
+    if isinstance(exc, (AssertionError, pytest.fail.Exception)):
+        return "assertion"  # an expectation not met, by an assert or by pytest.fail()
     return "test"  # a plain exception: a bug in the check or in testbed, never a lab fault
 
 
@@ -97,20 +105,21 @@ class TestbedSession:
         self.device_name: str = config.getoption("--device") or DEFAULT_DEVICE
         self.image_option: str | None = config.getoption("--image")
         self.profile: Profile | None = None
-        self.image: Path | None = None
-        self.image_format = "raw"
+        self.image_input: inputs.ImageInput | None = None
         self.run: RunInfo | None = None
         self.run_dir: Path | None = None
         self.devices: list[DUT] = []  # every device of the run, for the report's boots
         self.facts: dict[str, Any] = {}
         self.tests: dict[str, TestRecord] = {}
+        self.failed = False  # a check failed (the device's fault, not the lab's)
+        self._held = False
 
     # -- inputs (errors here are the user's to fix) ---------------------------------------
     def resolve_profile(self) -> Profile:
         if self.profile is None:
             opt = self.config.getoption
-            self.profile = apply_board_overrides(
-                load_profile(self.device_name),
+            self.profile = inputs.resolve_profile(
+                self.device_name,
                 serial=opt("--serial"),
                 relay=opt("--relay"),
                 flash_to=opt("--flash-to"),
@@ -120,22 +129,16 @@ class TestbedSession:
         return self.profile
 
     def resolve_image(self) -> Path:
-        if self.image is None:
-            from testbed import image as img
+        """The image to boot (a compressed ``--image`` unpacked into the cache)."""
+        if self.image_input is None:
+            self.image_input = inputs.resolve_image(self.image_option, self.resolve_profile(), self.say)
+        return self.image_input.path
 
-            if self.image_option:
-                path = Path(self.image_option).expanduser()
-                self.image_format = img.image_format(path)
-                self.image = path.resolve()
-            else:
-                from testbed import reference
-
-                profile = self.resolve_profile()
-                reference.check_arch(profile.arch, profile.source)
-                self.say("building the reference image (cached after the first build)")
-                self.image = reference.build(log=self.say)
-                self.image_format = "raw"
-        return self.image
+    @property
+    def image_format(self) -> str:
+        self.resolve_image()
+        assert self.image_input is not None
+        return self.image_input.format
 
     def say(self, text: str) -> None:
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -186,10 +189,15 @@ class TestbedSession:
         assert self.run is not None and self.run_dir is not None
         from testbed import image as img
 
-        if self.image is not None and not self.run.image_sha256:
-            self.run.image_path, self.run.image_format = str(self.image), self.image_format
-            self.run.image_sha256 = img.sha256_file(self.image)
-            for key, value in image_facts(self.image).items():
+        given = self.image_input
+        if given is not None and not self.run.image_sha256:
+            # The file the user gave (compressed or not), and what was booted of it.
+            self.run.image_path, self.run.image_format = str(given.given), given.format
+            self.run.image_sha256 = img.sha256_file(given.given)
+            if given.given != given.path:
+                self.facts.setdefault("image_unpacked", str(given.path))
+            assert self.profile is not None  # resolved before the image
+            for key, value in image_facts(given.path, self.profile).items():
                 self.facts.setdefault(key, value)
         tests = list(self.tests.values())
         boots = sorted((b.as_dict() for d in self.devices for b in d.boots), key=lambda b: str(b["started"]))
@@ -212,7 +220,9 @@ class TestbedSession:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
         """Everything the test (and its fixtures) does lands on its record."""
-        with ev.collecting(self.record_for(item.nodeid).collector):
+        record = self.record_for(item.nodeid)
+        record.started = time.monotonic()
+        with ev.collecting(record.collector):
             return (yield)
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -225,6 +235,8 @@ class TestbedSession:
         report = yield
         record = self.record_for(item.nodeid)
         record.duration_s += report.duration
+        if report.when == "call" and self._trouble(record, report):
+            return report
         if report.passed:
             return report
         if report.skipped:
@@ -239,10 +251,54 @@ class TestbedSession:
         if record.outcome != "failed":  # a failure stays the check's verdict over a later error
             record.outcome = "failed" if kind in ("dut", "assertion") else "error"
             record.kind = kind
+        self.failed = self.failed or record.outcome == "failed"
         record.message = (record.message + "\n" + text).strip() if record.message else text
         if kind == "infra" and report.when == "call":
             report.user_properties.append(("testbed_kind", "infra"))
         return report
+
+    def hold(self) -> None:
+        """``--keep-on-failure``: after a failed check, keep the running devices until the person
+        at the desk is done with them (Enter, Ctrl-C or SIGTERM); once per session."""
+        running = [d for d in self.devices if d.machine.is_on()]
+        if self._held or not self.failed or not running or not self.config.getoption("--keep-on-failure"):
+            return
+        self._held = True
+        from testbed import desk
+
+        lines = ["a check failed: the devices are kept running for you."]
+        for number, device in enumerate(running, 1):
+            lines.append(f"  {number}. {device.name}: {desk.ssh_command(device)}")
+        lines.append("Type the number of a device and Enter to attach its serial console here (Ctrl-] leaves);")
+        lines.append("Enter alone (or Ctrl-C) powers them off and ends the run.")
+        for line in lines:
+            self.say(line)
+        desk.wait_for_the_person(running)
+
+    def _trouble(self, record: TestRecord, report: pytest.TestReport) -> bool:
+        """Attach the kernel and service trouble the devices printed while the check ran; fail a
+        passing check for the kinds the profile's ``trouble.fail`` lists. True if it failed it."""
+        seen = sorted((t for d in self.devices for t in d.trouble.since(record.started)), key=lambda t: t.at)
+        fails = set(self.profile.trouble.fail) if self.profile is not None else set()
+        for t in seen:
+            record.collector.add(
+                ev.Event(
+                    kind="trouble", what=f"{t.kind} on the console of {t.device}", transport="console",
+                    started=t.wall, exit_code=1 if t.kind in fails else 0, stdout=t.line, device=t.device,
+                )
+            )  # fmt: skip
+        fatal = [t for t in seen if t.kind in fails]
+        if not fatal or not report.passed:
+            return False
+        message = (
+            "DutError: the device printed kernel trouble while the check ran (profile trouble.fail): "
+            + "; ".join(f"{t.device}: {t.line}" for t in fatal[:5])
+        )
+        report.outcome = "failed"
+        report.longrepr = message
+        record.outcome, record.kind, record.message = "failed", "dut", message
+        self.failed = True
+        return True
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -271,7 +327,7 @@ class TestbedSession:
 def _message(exc: BaseException | None, report: pytest.TestReport) -> str:
     if isinstance(exc, (DutError, InfraError, ConfigError)):
         return f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, AssertionError):
+    if isinstance(exc, (AssertionError, pytest.fail.Exception)):
         return str(exc) or report.longreprtext[-3000:]
     return report.longreprtext[-3000:]
 
@@ -282,6 +338,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "reboot_round(prepare=f): the check shares the session's one reboot; f(dut) runs before it"
     )
+    if config.getoption("--keep-on-failure") and os.environ.get("CI") == "true":
+        raise pytest.UsageError(
+            "--keep-on-failure keeps failed devices for a person at a desk and waits for them: it is refused "
+            "under CI=true (drop the option in CI)"
+        )
     session = TestbedSession(config)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "testbed-session")
@@ -363,6 +424,7 @@ def dut_booting(testbed_state: TestbedSession, device_profile: Profile) -> Itera
     finally:
         if not testbed_state.facts:  # the session device never came up: what the machine says
             testbed_state.facts = device.machine.facts()
+        testbed_state.hold()
         device.close()
 
 
@@ -426,6 +488,7 @@ def dut_factory(testbed_state: TestbedSession, device_profile: Profile) -> Itera
         return device  # without wait: booting, finish with device.finish_power_on()
 
     yield make
+    testbed_state.hold()
     for device in made:
         device.close()
 

@@ -157,6 +157,17 @@ class LoggingSpec(_Strict):
     persistent_max_mib: int = 32
 
 
+TroubleKind = Literal["panic", "oops", "bug", "warning", "segfault", "oom", "unit", "trace"]
+
+
+class TroubleSpec(_Strict):
+    """Kernel and service trouble seen on the console while a check runs (testbed/trouble.py):
+    every kind is attached to the check's evidence and flagged; the kinds in ``fail`` also fail
+    the check."""
+
+    fail: list[TroubleKind] = ["panic", "oops", "bug"]
+
+
 class Profile(_Strict):
     name: str
     description: str = ""
@@ -172,6 +183,7 @@ class Profile(_Strict):
     rootfs: RootfsSpec = RootfsSpec()
     dev: DevModeSpec = DevModeSpec()
     logging: LoggingSpec = LoggingSpec()
+    trouble: TroubleSpec = TroubleSpec()
 
     source: Path | None = None
 

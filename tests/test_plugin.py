@@ -153,7 +153,9 @@ def test_passing_check(pytester: pytest.Pytester, image: Path) -> None:
     [
         ("raise DutError('the device said no')", "dut"),
         ("assert 1 == 2, 'the device said no'", "assertion"),
+        ("import pytest; pytest.fail('the device said no', pytrace=False)", "assertion"),
     ],
+    ids=["DutError", "assert", "pytest.fail"],
 )
 def test_device_failure_is_exit_1(pytester: pytest.Pytester, image: Path, body: str, kind: str) -> None:
     result = run_checks(
@@ -384,3 +386,12 @@ def test_an_architecture_the_reference_image_does_not_boot_is_exit_4(pytester: p
 
     result = run_checks(pytester, PASSING, "--device", str(profile))
     assert_usage_error(pytester, result, str(profile), "arch is aarch64", "--image")
+
+
+def test_keep_on_failure_is_refused_under_ci(
+    pytester: pytest.Pytester, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that would wait for a person must not hang a CI job."""
+    monkeypatch.setenv("CI", "true")
+    result = run_checks(pytester, PASSING, "--keep-on-failure", image=image)
+    assert_usage_error(pytester, result, "--keep-on-failure", "CI=true")

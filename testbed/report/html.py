@@ -652,14 +652,21 @@ def checks_context(report: dict[str, Any], console: list[ConsoleLine] | None) ->
                 "exit_code": "—" if code is None else str(code), "ok": code == 0,
                 "started": fmt_time(parse_time(e.get("started")), False) if parse_time(e.get("started")) else "",
                 "duration": fmt_seconds(_num(e.get("duration_s"))), "stdout": stdout, "stderr": stderr,
+                "kind": fmt_value(e.get("kind") or "command"),
             })  # fmt: skip
+        # Kernel or service trouble the device printed while the check ran (testbed/trouble.py).
+        trouble = [
+            {"what": fmt_value(e.get("command")), "line": fmt_value(e.get("stdout")), "fails": e.get("exit_code") != 0}
+            for e in t["evidence"]
+            if e.get("kind") == "trouble"
+        ]
         bad = outcome in ("failed", "error")
         check = {
             "id": check_id, "nodeid": t["nodeid"], "name": human_name(t["nodeid"]), "outcome": outcome,
             "outcome_label": OUTCOME_LABELS.get(t["outcome"], t["outcome"].upper()), "duration": fmt_seconds(t["duration_s"]),
             "message": t["message"], "kind": t["kind"], "kind_label": _problem_title(outcome, t["kind"]),
             "evidence": evidence, "failed_commands": sum(1 for e in evidence if not e["ok"]),
-            "excerpt": console_excerpt(i, tests, console) if bad else None, "open": bad,
+            "excerpt": console_excerpt(i, tests, console) if bad else None, "open": bad, "trouble": trouble,
         }  # fmt: skip
         suite["checks"].append(check)
     for suite in suites.values():

@@ -16,6 +16,7 @@ from typing import Any
 
 import testbed
 from testbed.events import Collector
+from testbed.profile import Profile
 
 SCHEMA_VERSION = 2
 
@@ -39,6 +40,7 @@ class TestRecord:
     message: str = ""
     kind: str = ""  # for failures and errors: one of KINDS
     collector: Collector = field(default_factory=Collector)
+    started: float = 0.0  # time.monotonic() when the check began (its setup)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -88,19 +90,17 @@ def counts(tests: list[TestRecord]) -> dict[str, int]:
     return out
 
 
-def image_facts(path: Path) -> dict[str, Any]:
-    """The partition table of the image under test, for the report's facts ({} if unreadable)."""
-    from testbed import image as img
-    from testbed.errors import ConfigError
+def image_facts(path: Path, profile: Profile) -> dict[str, Any]:
+    """What the image under test holds, read offline (``testbed.inspect``: partitions, os-release
+    and kernels of each root, the active root, fingerprints, problems), for the report's facts;
+    {} where it cannot be read (the checks say why)."""
+    from testbed.errors import ConfigError, InfraError
+    from testbed.inspect import inspect_image
 
     try:
-        layout = img.read_layout(path)
-    except ConfigError:
+        return inspect_image(path, profile).facts()
+    except (ConfigError, InfraError):
         return {}
-    return {
-        "partition_table": layout.table,
-        "partitions": [{"label": p.label or p.name, "fstype": p.fstype, "size": p.size} for p in layout.partitions],
-    }
 
 
 def build_report(

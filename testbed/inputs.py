@@ -1,0 +1,89 @@
+"""What a run is given: the device profile and the image, resolved once with the user's errors named.
+
+Used by the pytest plugin and by the desk commands (``python -m testbed console``), so that
+both refuse the same bad input with the same line. A ConfigError here is the user's to fix.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed.profile import Profile, apply_board_overrides, load_profile
+
+DEFAULT_DEVICE = "qemu-x86_64"
+Say = Callable[[str], None]
+
+
+@dataclass
+class ImageInput:
+    """The image a run boots: ``path`` (a raw image or a qcow2 testbed can boot), its ``format``,
+    and what the user gave (``given``: the file named on the command line, possibly compressed)."""
+
+    path: Path
+    format: str
+    given: Path
+
+
+def resolve_profile(
+    device: str | None,
+    *,
+    serial: str | None = None,
+    relay: str | None = None,
+    flash_to: str | None = None,
+    ssh_host: str | None = None,
+    lock_wait: float | None = None,
+) -> Profile:
+    """The profile named (or at the path given), with a board's ports from the command line."""
+    return apply_board_overrides(
+        load_profile(device or DEFAULT_DEVICE),
+        serial=serial,
+        relay=relay,
+        flash_to=flash_to,
+        ssh_host=ssh_host,
+        lock_wait=lock_wait,
+    )
+
+
+def _progress_printer(say: Say) -> Callable[[int, int], None] | None:
+    """Unpacking progress on a terminal (one line, rewritten); nothing when not on one."""
+    if not sys.stderr.isatty():
+        return None
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        percent = done * 100 // total if total else -1
+        if percent != last[0]:
+            last[0] = percent
+            what = f"{percent}%" if total else f"{done >> 20} MiB"
+            sys.stderr.write(f"\rtestbed: unpacking {what}   ")
+            sys.stderr.flush()
+
+    return show
+
+
+def resolve_image(option: str | None, profile: Profile, say: Say) -> ImageInput:
+    """``--image`` (raw, qcow2, or compressed: unpacked once into the cache), else the reference
+    image for the profile's architecture, built on demand."""
+    from testbed import image as img
+
+    if option:
+        given = Path(option).expanduser().resolve()
+        from testbed import unpack
+
+        if unpack.is_compressed(given):
+            say(f"unpacking {given} into the cache (once per file)")
+            path = unpack.local_image(given, progress=_progress_printer(say))
+            if sys.stderr.isatty():
+                sys.stderr.write("\n")
+        else:
+            path = given
+        return ImageInput(path, img.image_format(path), given)
+    from testbed import reference
+
+    reference.check_arch(profile.arch, profile.source)
+    say("building the reference image (cached after the first build)")
+    path = reference.build(log=say)
+    return ImageInput(path, "raw", path)

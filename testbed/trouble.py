@@ -1,0 +1,62 @@
+"""Kernel and service trouble a device prints while a check runs: BUG, WARNING, Oops, call traces,
+segfaults, OOM kills, failed systemd units.
+
+A :class:`TroubleLog` watches a device's console lines (``Console.watchers``, from the console's
+reader thread) and keeps every line that shows trouble, with its time. The plugin takes what was
+seen while a check ran (``since``), attaches it to the check's evidence (kind "trouble") and,
+for the kinds the profile's ``trouble.fail`` lists (default: panic, oops, bug), fails the check.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+from testbed.console import utcnow
+
+# The kernel's own wording (and systemd's, for units); the first kind that matches a line wins.
+PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("panic", re.compile(r"Kernel panic - not syncing")),
+    ("oops", re.compile(r"\bOops(: | - )|\bOops\b.*SMP")),
+    ("bug", re.compile(r"\bBUG: ")),
+    ("warning", re.compile(r"\bWARNING: (CPU: \d+ PID: \d+|.* at .*:\d+)")),
+    ("oom", re.compile(r"Out of memory: Killed process|invoked oom-killer")),
+    ("segfault", re.compile(r"\bsegfault at [0-9a-f]+ ")),
+    ("unit", re.compile(r"\[FAILED\] Failed to start |\bFailed to start .*\.service")),
+    ("trace", re.compile(r"\bCall Trace:")),  # a hung task's report, or the trace after a warning
+)
+
+
+@dataclass(frozen=True)
+class Trouble:
+    kind: str
+    line: str
+    at: float  # time.monotonic() when the line was read
+    device: str
+    wall: str  # the same moment, ISO 8601 UTC
+
+
+class TroubleLog:
+    """The trouble lines of one device's console (thread-safe)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._seen: list[Trouble] = []
+        self._lock = threading.Lock()
+
+    def on_line(self, line: str, replay: bool = False) -> None:
+        if replay:
+            return
+        text = line.strip()
+        for kind, pattern in PATTERNS:
+            if pattern.search(text):
+                with self._lock:
+                    self._seen.append(Trouble(kind, text[:300], time.monotonic(), self.device, utcnow()))
+                return
+
+    def since(self, started: float) -> list[Trouble]:
+        """The trouble seen from ``started`` (time.monotonic()) on."""
+        with self._lock:
+            return [t for t in self._seen if t.at >= started]
