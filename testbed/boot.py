@@ -203,7 +203,7 @@ class BootModel:
         self.listener = listener
         self.state = BootState.OFF
         self.boots: list[BootRecord] = []
-        self.kernel_starts = 0  # kernel banners seen on the console, over all boots
+        self.kernel_starts = 0  # boots that reached their kernel, over all boots
         self.accelerator = ""
         self._lock = threading.RLock()
 
@@ -257,7 +257,8 @@ class BootModel:
         """SSH answers: the end of ``record``, or of the boot that replaced it meanwhile (the
         device restarted while it was waited for)."""
         with self._lock:
-            if record.ended_by and self.current is not None and not self.current.ended_by:
+            replaced = record.ended_by or record not in self.boots
+            if replaced and self.current is not None and not self.current.ended_by:
                 record = self.current
             self._enter(BootState.SSH_READY)
             entry = record.add("ssh", detail)
@@ -279,10 +280,10 @@ class BootModel:
     def on_console_line(self, line: str, replay: bool = False) -> None:
         """A complete console line (from the reader thread, or replayed after a power on)."""
         with self._lock:
-            if self.detector.kernel.search(line) and not replay:
-                self.kernel_starts += 1
             record = self.current
-            if record is None or self.state == BootState.OFF:
+            # A restore's guest runs its firmware for a moment before the snapshot is loaded: that
+            # is not a boot of its own.
+            if record is None or self.state in (BootState.OFF, BootState.RESTORING):
                 return
             text = line.strip()[:80]
             if self.state == BootState.REBOOTING:
@@ -293,12 +294,10 @@ class BootModel:
                 return
             level = self._level(record)
             if self.detector.restarted(line) and (
-                self.state in (BootState.SSH_READY, BootState.RESTORING) or level >= STAGE_ORDER.index("kernel")
+                self.state == BootState.SSH_READY or level >= STAGE_ORDER.index("kernel")
             ):
                 record = self._start("reboot", BootState.FIRMWARE)
                 level = -1
-            if self.state == BootState.RESTORING:
-                return
             stage = self.detector.stage_of(line, level)
             if stage is not None:
                 self._stage(record, stage, text)
@@ -322,6 +321,8 @@ class BootModel:
         entry = record.add(stage, detail)
         if entry is None:
             return
+        if stage == "kernel":
+            self.kernel_starts += 1  # once per boot, however many lines the kernel's banner has
         if self.state != BootState.SSH_READY:
             self._enter(BootState(stage))
         self._tell(stage, entry.at_s, detail)

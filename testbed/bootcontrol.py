@@ -183,6 +183,7 @@ class BootControl:
                 )
 
         gate = None if record.kind == "restore" else self._network_gate(record.started)
+        dut.trouble.expecting = tolerate_panics
         try:
             dut.ssh.wait_ready(timeout, abort=abort, reachable=gate)
         except DutError as exc:
@@ -191,6 +192,8 @@ class BootControl:
                 f"{dut.name} did not become ready over SSH on port {dut.profile.ssh.port} "
                 f"(forwarded to {dut.ssh.host}:{dut.ssh.port}): {exc}\nlast console lines:\n{tail}"
             ) from None
+        finally:
+            dut.trouble.expecting = False
         record = self.model.ssh_ready(record, f"{dut.ssh.host}:{dut.ssh.port}")
         dut.console_log.mark(f"ssh ready after {record.ssh_ready_s:.1f}s ({record.kind})")
         return record

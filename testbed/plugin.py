@@ -9,6 +9,7 @@ records to ``testbed.report.model`` when the session ends. The order of checks i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -85,7 +86,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def classify(exc: BaseException | None) -> str:
     """Whose fault an exception says it is (``testbed.report.model.KINDS``)."""
     if exc is None:
-        return ""
+        return "assertion"  # a failure without an exception (a strict xfail that passed)
     if isinstance(exc, InfraError):
         return "infra"
     if isinstance(exc, ConfigError):
@@ -225,7 +226,9 @@ class TestbedSession:
         with ev.collecting(record.collector):
             return (yield)
 
+    @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """After -k, -m and --deselect: the order and early starts are of the checks that run."""
         schedule.order(items)
 
     @pytest.hookimpl(wrapper=True)
@@ -271,23 +274,29 @@ class TestbedSession:
             lines.append(f"  {number}. {device.name}: {desk.ssh_command(device)}")
         lines.append("Type the number of a device and Enter to attach its serial console here (Ctrl-] leaves);")
         lines.append("Enter alone (or Ctrl-C) powers them off and ends the run.")
-        for line in lines:
-            self.say(line)
-        desk.wait_for_the_person(running)
+        # This runs in a fixture's teardown, whose output pytest captures: the person must see it.
+        capture = self.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            for line in lines:
+                self.say(line)
+            desk.wait_for_the_person(running)
 
     def _trouble(self, record: TestRecord, report: pytest.TestReport) -> bool:
-        """Attach the kernel and service trouble the devices printed while the check ran; fail a
-        passing check for the kinds the profile's ``trouble.fail`` lists. True if it failed it."""
-        seen = sorted((t for d in self.devices for t in d.trouble.since(record.started)), key=lambda t: t.at)
+        """Attach the kernel and service trouble that the devices this check used printed since
+        they were last looked at; fail a passing check for the kinds the profile's ``trouble.fail``
+        lists (not where the check meant the device to fail). True if it failed the check."""
+        used = {event.device for event in record.collector.snapshot()}
+        seen = sorted((t for d in self.devices if d.name in used for t in d.trouble.take()), key=lambda t: t.at)
         fails = set(self.profile.trouble.fail) if self.profile is not None else set()
         for t in seen:
             record.collector.add(
                 ev.Event(
-                    kind="trouble", what=f"{t.kind} on the console of {t.device}", transport="console",
-                    started=t.wall, exit_code=1 if t.kind in fails else 0, stdout=t.line, device=t.device,
+                    kind="trouble", what=f"{t.kind} on the console of {t.device}" + (" (provoked)" if t.expected else ""),
+                    transport="console", started=t.wall, exit_code=1 if t.kind in fails and not t.expected else 0,
+                    stdout=t.line, device=t.device,
                 )
             )  # fmt: skip
-        fatal = [t for t in seen if t.kind in fails]
+        fatal = [t for t in seen if t.kind in fails and not t.expected]
         if not fatal or not report.passed:
             return False
         message = (
@@ -424,8 +433,10 @@ def dut_booting(testbed_state: TestbedSession, device_profile: Profile) -> Itera
     finally:
         if not testbed_state.facts:  # the session device never came up: what the machine says
             testbed_state.facts = device.machine.facts()
-        testbed_state.hold()
-        device.close()
+        try:
+            testbed_state.hold()
+        finally:
+            device.close()
 
 
 @pytest.fixture(scope="session")
@@ -488,9 +499,11 @@ def dut_factory(testbed_state: TestbedSession, device_profile: Profile) -> Itera
         return device  # without wait: booting, finish with device.finish_power_on()
 
     yield make
-    testbed_state.hold()
-    for device in made:
-        device.close()
+    try:
+        testbed_state.hold()
+    finally:
+        for device in made:
+            device.close()
 
 
 @pytest.fixture(scope="session")

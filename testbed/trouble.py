@@ -2,9 +2,11 @@
 segfaults, OOM kills, failed systemd units.
 
 A :class:`TroubleLog` watches a device's console lines (``Console.watchers``, from the console's
-reader thread) and keeps every line that shows trouble, with its time. The plugin takes what was
-seen while a check ran (``since``), attaches it to the check's evidence (kind "trouble") and,
-for the kinds the profile's ``trouble.fail`` lists (default: panic, oops, bug), fails the check.
+reader thread) and keeps every line that shows trouble, with its time. At the end of each check
+the plugin takes (``take``) what the devices the check used printed since they were last looked
+at, attaches it to the check's evidence (kind "trouble") and, for the kinds the profile's
+``trouble.fail`` lists (default: panic, oops, bug), fails the check. Trouble a check provokes on
+purpose (a wait with ``tolerate_panics``: a root meant not to boot) is attached, never fatal.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Trouble:
     at: float  # time.monotonic() when the line was read
     device: str
     wall: str  # the same moment, ISO 8601 UTC
+    expected: bool = False  # seen while the device was meant to fail (tolerated panics)
 
 
 class TroubleLog:
@@ -44,7 +47,9 @@ class TroubleLog:
     def __init__(self, device: str) -> None:
         self.device = device
         self._seen: list[Trouble] = []
+        self._taken = 0  # how many of _seen were handed to a check already
         self._lock = threading.Lock()
+        self.expecting = False  # set while a wait tolerates kernel panics (see BootControl.wait)
 
     def on_line(self, line: str, replay: bool = False) -> None:
         if replay:
@@ -53,10 +58,18 @@ class TroubleLog:
         for kind, pattern in PATTERNS:
             if pattern.search(text):
                 with self._lock:
-                    self._seen.append(Trouble(kind, text[:300], time.monotonic(), self.device, utcnow()))
+                    self._seen.append(
+                        Trouble(kind, text[:300], time.monotonic(), self.device, utcnow(), self.expecting)
+                    )
                 return
 
     def since(self, started: float) -> list[Trouble]:
         """The trouble seen from ``started`` (time.monotonic()) on."""
         with self._lock:
             return [t for t in self._seen if t.at >= started]
+
+    def take(self) -> list[Trouble]:
+        """The trouble not handed out yet (each line goes to one check)."""
+        with self._lock:
+            fresh, self._taken = self._seen[self._taken :], len(self._seen)
+            return fresh

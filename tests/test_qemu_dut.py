@@ -55,7 +55,7 @@ def test_power_cycle_gives_a_new_boot_on_the_same_disk(dut: DUT) -> None:
 
 def test_a_guest_power_off_stays_off_until_power_returns(dut: DUT) -> None:
     # A reset restarts QEMU (see test_reboot_gives_a_new_boot); a power-off must not.
-    log = dut.console_log_path
+    log = dut.console_log.path
     restarts = log.read_text(errors="replace").count("QEMU restarted")
     dut.run("systemd-run --on-active=300ms --timer-property=AccuracySec=10ms --no-block systemctl poweroff", check=True)
     wait_until(

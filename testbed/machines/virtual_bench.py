@@ -423,14 +423,17 @@ class VirtualBench:
         }
 
     def close(self) -> None:
-        """Kill QEMU, unplug the relay and the adapter, release the loop device, remove the directory."""
+        """Kill QEMU, unplug the relay and the adapter, release the loop device, remove the directory.
+        A second call does nothing (a board that failed to start closes its bench on the way out)."""
         self._kill_qemu()
-        if self.relay is not None:
-            self.relay.close()
-        if self.adapter is not None:
-            self.adapter.close()
-        if self.disk is not None:
-            self.disk.close()
+        relay, adapter, disk = self.relay, self.adapter, self.disk
+        self.relay = self.adapter = self.disk = None
+        if relay is not None:
+            relay.close()
+        if adapter is not None:
+            adapter.close()
+        if disk is not None:
+            disk.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
