@@ -24,6 +24,7 @@ import pytest
 from testbed import events as ev
 from testbed import inputs, schedule
 from testbed import report as rep
+from testbed.boot import BootState
 from testbed.dut import DUT, open_dut
 from testbed.errors import ConfigError, DutError, InfraError
 from testbed.lab.network import LabNetwork
@@ -286,12 +287,15 @@ class TestbedSession:
         they were last looked at; fail a passing check for the kinds the profile's ``trouble.fail``
         lists (not where the check meant the device to fail). True if it failed the check."""
         used = {event.device for event in record.collector.snapshot()}
+        for device in self.devices:
+            if device.name in used:
+                _list_failed_units(device)
         seen = sorted((t for d in self.devices if d.name in used for t in d.trouble.take()), key=lambda t: t.at)
         fails = set(self.profile.trouble.fail) if self.profile is not None else set()
         for t in seen:
             record.collector.add(
                 ev.Event(
-                    kind="trouble", what=f"{t.kind} on the console of {t.device}" + (" (provoked)" if t.expected else ""),
+                    kind="trouble", what=f"{t.kind} on {t.device}" + (" (provoked)" if t.expected else ""),
                     transport="console", started=t.wall, exit_code=1 if t.kind in fails and not t.expected else 0,
                     stdout=t.line, device=t.device,
                 )
@@ -331,6 +335,18 @@ class TestbedSession:
             f"{c['error']} errors, {c['skipped']} skipped)" + (f"; boot to SSH {cold:.1f}s" if cold else "")
         )
         terminalreporter.write_line(f"report: {self.run_dir}/report.html  (report.json, junit.xml, console.log)")
+
+
+def _list_failed_units(device: DUT) -> None:
+    """Tell the device's trouble log its failed units, where it answers over SSH now (testbed's
+    own look, not a command of the check: the units it finds are the evidence)."""
+    if device.state != BootState.SSH_READY or not device.ssh.connected():
+        return
+    try:
+        listing = device.ssh.run("systemctl --failed --no-legend --plain", 30).stdout
+    except (DutError, InfraError):
+        return
+    device.trouble.failed_units(listing)
 
 
 def _message(exc: BaseException | None, report: pytest.TestReport) -> str:

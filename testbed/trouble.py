@@ -48,6 +48,7 @@ class TroubleLog:
         self.device = device
         self._seen: list[Trouble] = []
         self._taken = 0  # how many of _seen were handed to a check already
+        self._failed: set[str] = set()  # the failed units of the last listing
         self._lock = threading.Lock()
         self.expecting = False  # set while a wait tolerates kernel panics (see BootControl.wait)
 
@@ -67,6 +68,20 @@ class TroubleLog:
         """The trouble seen from ``started`` (time.monotonic()) on."""
         with self._lock:
             return [t for t in self._seen if t.at >= started]
+
+    def failed_units(self, listing: str) -> None:
+        """``systemctl --failed --no-legend --plain`` as the device printed it: every unit that
+        failed since the last listing is trouble of kind "unit" (a service can fail without a
+        word on the console)."""
+        now = {line.split()[0] for line in listing.splitlines() if line.strip()}
+        with self._lock:
+            new = sorted(now - self._failed)
+            self._failed = now
+            for unit in new:
+                line = next(row.strip() for row in listing.splitlines() if row.strip().startswith(unit))
+                self._seen.append(
+                    Trouble("unit", f"systemctl --failed: {line}"[:300], time.monotonic(), self.device, utcnow())
+                )
 
     def take(self) -> list[Trouble]:
         """The trouble not handed out yet (each line goes to one check)."""

@@ -94,6 +94,10 @@ def test_a_kernel_warning_is_flagged(dut):
 def test_a_kernel_oops_fails_the_check(dut):
     dut.run("echo '<1>Oops: 0000 [#1] PREEMPT SMP NOPTI' > /dev/kmsg")
     _printed(dut, "oops")
+
+
+def test_a_failed_unit_is_flagged(dut):
+    dut.run("systemd-run --wait --unit=testbed-broken false")  # fails, without a word on the console
 """
 
 
@@ -131,11 +135,16 @@ def test_kernel_trouble_and_a_device_kept_after_a_failure(reference_image: Path,
     warned, oops = tests["test_a_kernel_warning_is_flagged"], tests["test_a_kernel_oops_fails_the_check"]
     assert warned["outcome"] == "passed"
     trouble = [e for e in warned["evidence"] if e["kind"] == "trouble"]
-    assert [e["command"] for e in trouble] == ["warning on the console of qemu-x86_64"], warned["evidence"]
+    assert [e["command"] for e in trouble] == ["warning on qemu-x86_64"], warned["evidence"]
     assert "testbed_warn" in trouble[0]["stdout"] and trouble[0]["exit_code"] == 0
     assert (oops["outcome"], oops["kind"]) == ("failed", "dut")
     assert "kernel trouble" in oops["message"] and "Oops: 0000" in oops["message"]
     assert not [e for e in oops["evidence"] if e["kind"] == "trouble" and "warning" in e["command"]]
     html = (run / "report.html").read_text()
     assert "kernel or service trouble while this check ran" in html and "testbed_warn" in html
-    assert "FAILS THE CHECK: oops on the console of qemu-x86_64" in html
+    assert "FAILS THE CHECK: oops on qemu-x86_64" in html
+    unit = tests["test_a_failed_unit_is_flagged"]
+    assert unit["outcome"] == "passed"
+    flagged = [e for e in unit["evidence"] if e["kind"] == "trouble"]
+    assert [e["command"] for e in flagged] == ["unit on qemu-x86_64"], unit["evidence"]
+    assert "testbed-broken.service" in flagged[0]["stdout"] and flagged[0]["exit_code"] == 0

@@ -94,6 +94,22 @@ def test_overwrites_an_existing_bigger_target_in_place(images, image_sha, tmp_pa
     assert content[size:] == b"\xff" * (8 * MiB - size)
 
 
+def test_a_truncated_zstd_image_is_refused_before_a_write(images, tmp_path):
+    """zstandard's reader ends a cut-off stream quietly: without a check the short image would be
+    written and verified against itself."""
+    if "zstd" not in images:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true: needs the zstandard package")
+        pytest.skip("needs the zstandard package (pip install zstandard)")
+    cut = tmp_path / "cut.img.zst"
+    data = images["zstd"].read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    target = tmp_path / "card.img"
+    with pytest.raises(ConfigError, match="truncated or damaged zstd"):
+        write_image(cut, target, allow_file=True)
+    assert not target.exists() or target.stat().st_size == 0
+
+
 def test_flasher_driver_from_spec(images, tmp_path):
     target = tmp_path / "card.img"
     phases: set[str] = set()

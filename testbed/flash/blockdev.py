@@ -397,6 +397,7 @@ def write_image(
         raise ConfigError(f"image {image} does not exist or is not a file; build or download it first")
     target = check_target(Path(device), allow_file=allow_file)
     fmt = image_format(image)
+    size = uncompressed_size(image, fmt, progress)
     if fmt == "zstd":
         # zstandard's reader returns a short stream for a cut-off file instead of failing: the
         # write and its verification would both agree on a truncated image.
@@ -404,7 +405,6 @@ def write_image(
 
         if not zstd_frames(image)[0]:
             raise ConfigError(f"image {image} is a truncated or damaged zstd file: download or build it again")
-    size = uncompressed_size(image, fmt, progress)
     if size == 0:
         raise ConfigError(f"image {image} is empty")
     if target.size is not None and size > target.size:

@@ -561,16 +561,17 @@ def console_excerpt(index: int, tests: list[dict[str, Any]], console: list[Conso
         return Excerpt("This run has no console.log, so there is no console excerpt.", [])
     test = tests[index]
     stamped = [ln for ln in console if ln.when is not None]
+    when = {id(ln): ln.when for ln in stamped if ln.when is not None}  # every stamped line's time, typed
     spans = _spans(test)
     if spans and stamped:
         first = min(s for s, _ in spans)
         end = max(max(e for _, e in spans), first + timedelta(seconds=test["duration_s"]))
         lo, hi = first - timedelta(seconds=CONSOLE_MARGIN_S), end + timedelta(seconds=CONSOLE_MARGIN_S)
-        picked = [ln for ln in stamped if lo <= ln.when <= hi]  # type: ignore[operator]
+        picked = [ln for ln in stamped if lo <= when[id(ln)] <= hi]
         window = f"{fmt_time(lo, False)} to {fmt_time(hi, False)} UTC"
         if not picked:
-            log_lo, log_hi = stamped[0].when, stamped[-1].when
-            if hi < log_lo or lo > log_hi:  # type: ignore[operator]
+            log_lo, log_hi = when[id(stamped[0])], when[id(stamped[-1])]
+            if hi < log_lo or lo > log_hi:
                 return Excerpt(
                     f"This check's commands ran {window}, outside the time the console log covers "
                     f"({fmt_time(log_lo, False)} to {fmt_time(log_hi, False)} UTC): no console excerpt.",
@@ -589,7 +590,9 @@ def console_excerpt(index: int, tests: list[dict[str, Any]], console: list[Conso
     lower = max((e for t in tests[:index] for _, e in _spans(t)), default=None)
     upper = min((s for t in tests[index + 1 :] for s, _ in _spans(t)), default=None)
     if stamped:
-        pool = [ln for ln in stamped if (lower is None or ln.when > lower) and (upper is None or ln.when < upper)]  # type: ignore[operator]
+        pool = [
+            ln for ln in stamped if (lower is None or when[id(ln)] > lower) and (upper is None or when[id(ln)] < upper)
+        ]
     else:
         pool = list(console)
     end_what = "the next check's first command" if upper is not None else "the end of the log"
