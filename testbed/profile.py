@@ -157,7 +157,7 @@ class LoggingSpec(_Strict):
     persistent_max_mib: int = 32
 
 
-TroubleKind = Literal["panic", "oops", "bug", "warning", "segfault", "oom", "unit", "trace"]
+TroubleKind = Literal["panic", "oops", "bug", "stall", "warning", "segfault", "oom", "unit", "trace"]
 
 
 class TroubleSpec(_Strict):

@@ -21,6 +21,9 @@ from testbed.console import utcnow
 # The kernel's own wording (and systemd's, for units); the first kind that matches a line wins.
 PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("panic", re.compile(r"Kernel panic - not syncing")),
+    # A vCPU that did not run for seconds: on an emulated CPU (TCG) a busy host starves its guests,
+    # and the kernel reports it as a "BUG"; flagged, a failure only where the profile says so.
+    ("stall", re.compile(r"soft lockup - CPU#|rcu_\w+ (self-)?detected stall|blocked for more than \d+ seconds")),
     ("oops", re.compile(r"\bOops(: | - )|\bOops\b.*SMP")),
     ("bug", re.compile(r"\bBUG: ")),
     ("warning", re.compile(r"\bWARNING: (CPU: \d+ PID: \d+|.* at .*:\d+)")),
