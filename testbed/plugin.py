@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -357,6 +359,10 @@ def _message(exc: BaseException | None, report: pytest.TestReport) -> str:
     return report.longreprtext[-3000:]
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fresh: the test needs a device restored to its first-boot snapshot")
@@ -368,6 +374,10 @@ def pytest_configure(config: pytest.Config) -> None:
             "--keep-on-failure keeps failed devices for a person at a desk and waits for them: it is refused "
             "under CI=true (drop the option in CI)"
         )
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        # A CI job cancelled, a `kill`: end as Ctrl-C does, so that devices are closed and their
+        # directories removed (their QEMU would die with pytest anyway).
+        signal.signal(signal.SIGTERM, _terminate)
     session = TestbedSession(config)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "testbed-session")

@@ -127,7 +127,7 @@ def test_a_misspelled_profile_key_is_one_clear_line(tmp_path: Path) -> None:
     assert "mydev.yaml" in line and "memroy_mib" in line and "memory_mib" in line
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill-9", "ctrl-c", "sigterm"])
 def test_no_qemu_outlives_its_pytest(reference_image: Path, tmp_path: Path, how: signal.Signals) -> None:
     runtime = tmp_path / "rt"
     proc = subprocess.Popen(
@@ -139,6 +139,8 @@ def test_no_qemu_outlives_its_pytest(reference_image: Path, tmp_path: Path, how:
         proc.send_signal(how)
         proc.wait(timeout=60)
         wait_until(lambda: not _qemu_pids(runtime), 15, "QEMU to exit after its pytest went away")
+        if how != signal.SIGKILL:  # a run that could clean up removed what it made
+            assert sorted(p.name for p in runtime.iterdir()) == [], f"left in {runtime} after {how.name}"
     finally:
         proc.kill()
         proc.wait()
