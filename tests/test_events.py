@@ -24,7 +24,6 @@ def test_a_step_records_its_outcome_also_when_it_raises() -> None:
     first, second, third = collector.snapshot()
     assert (first.kind, first.what, first.ok, first.stdout) == ("step", "power cut", True, "off")
     assert (second.ok, second.stderr) == (False, "RuntimeError: loadvm failed")
-    assert second.duration_s >= 0
     assert third.as_dict() == {
         "kind": "note", "transport": "farm", "command": "GET /_ping", "exit_code": 0, "stdout": "OK", "stderr": "",
         "started": third.started, "duration_s": 0.0, "device": "d1",
