@@ -132,14 +132,12 @@ def open_dut(
     image_format: str,
     console_log_path: Path,
     *,
-    name: str = "",
-    config_overrides: dict[str, Any] | None = None,
-    boot_files: dict[str, bytes] | None = None,
     media: dict[str, Path] | None = None,
     lab_nics: list[Any] | None = None,
-    listener: Listener | None = None,
+    **options: Any,
 ) -> DUT:
-    """A device of ``profile`` booting ``image`` (never written): its console log, machine and DUT."""
+    """A device of ``profile`` booting ``image`` (never written): its console log, machine and DUT.
+    ``media`` and ``lab_nics`` go to the machine and the DUT, ``options`` to the DUT (its keywords)."""
     console_log = ConsoleLog(console_log_path)
     console_log.open()
     try:
@@ -147,10 +145,7 @@ def open_dut(
     except BaseException:
         console_log.close()
         raise
-    return DUT(
-        profile, machine, console_log, image=image, name=name, config_overrides=config_overrides,
-        boot_files=boot_files, media=media, lab_nics=lab_nics, listener=listener,
-    )  # fmt: skip
+    return DUT(profile, machine, console_log, image=image, media=media, lab_nics=lab_nics, **options)
 
 
 class DUT:

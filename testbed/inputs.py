@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from testbed.profile import Profile, apply_board_overrides, load_profile
 
@@ -27,24 +28,10 @@ class ImageInput:
     given: Path
 
 
-def resolve_profile(
-    device: str | None,
-    *,
-    serial: str | None = None,
-    relay: str | None = None,
-    flash_to: str | None = None,
-    ssh_host: str | None = None,
-    lock_wait: float | None = None,
-) -> Profile:
-    """The profile named (or at the path given), with a board's ports from the command line."""
-    return apply_board_overrides(
-        load_profile(device or DEFAULT_DEVICE),
-        serial=serial,
-        relay=relay,
-        flash_to=flash_to,
-        ssh_host=ssh_host,
-        lock_wait=lock_wait,
-    )
+def resolve_profile(device: str | None, **board_ports: Any) -> Profile:
+    """The profile named (or at the path given), with a board's ports from the command line
+    (``board_ports``: those of ``apply_board_overrides``)."""
+    return apply_board_overrides(load_profile(device or DEFAULT_DEVICE), **board_ports)
 
 
 def _progress_printer(say: Say) -> Callable[[int, int], None] | None:
