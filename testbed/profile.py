@@ -152,6 +152,27 @@ class DevModeSpec(_Strict):
     gettys: list[str] = ["getty@tty1.service", "serial-getty@ttyS0.service"]
 
 
+class OomBound(_Strict):
+    """A critical service and the highest ``oom_score_adj`` its processes may have."""
+
+    unit: str
+    max_oom_score_adj: int = Field(-1, ge=-1000, le=1000)
+
+
+class ServicesSpec(_Strict):
+    """What systemd promises about services (checked by ``suites/services``).
+
+    ``oom_protected``: critical services whose main process must keep an ``oom_score_adj`` at
+    or below the bound (systemd's ``OOMScoreAdjust=``), so the kernel's OOM killer takes
+    anything else first. A listed unit that is not running in the booted mode is skipped by
+    name. ``own_mount_namespace``: services that run in a mount namespace of their own
+    (``PrivateTmp=``, ``ProtectSystem=``, ...), not PID 1's.
+    """
+
+    oom_protected: list[OomBound] = []
+    own_mount_namespace: list[str] = []
+
+
 class LoggingSpec(_Strict):
     volatile_max_mib: int = 8
     persistent_max_mib: int = 32
@@ -183,6 +204,7 @@ class Profile(_Strict):
     rootfs: RootfsSpec = RootfsSpec()
     dev: DevModeSpec = DevModeSpec()
     logging: LoggingSpec = LoggingSpec()
+    services: ServicesSpec = ServicesSpec()
     trouble: TroubleSpec = TroubleSpec()
 
     source: Path | None = None
