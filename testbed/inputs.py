@@ -6,12 +6,15 @@ both refuse the same bad input with the same line. A ConfigError here is the use
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.errors import ConfigError
 from testbed.profile import Profile, apply_board_overrides, load_profile
 
 DEFAULT_DEVICE = "qemu-x86_64"
@@ -58,6 +61,7 @@ def resolve_image(option: str | None, profile: Profile, say: Say) -> ImageInput:
 
     if option:
         given = Path(option).expanduser().resolve()
+        _check_file_kind(given)
         from testbed import unpack
 
         if unpack.is_compressed(given):
@@ -74,3 +78,51 @@ def resolve_image(option: str | None, profile: Profile, say: Say) -> ImageInput:
     say("building the reference image (cached after the first build)")
     path = reference.build(log=say)
     return ImageInput(path, "raw", path)
+
+
+def _check_file_kind(path: Path) -> None:
+    """ConfigError for an ``--image`` that is neither a file nor a block device (a FIFO would
+    block the first read for ever; a socket or a terminal is no disk)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing, a loop of links, unreadable: the image reader says which
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISDIR(mode)):
+        raise ConfigError(f"{path} is not a disk image file (a pipe, socket or character device): pass --image FILE")
+
+
+def check_image(image: ImageInput, profile: Profile) -> None:
+    """Before anything boots: the image can be read as a disk and has the partition testbed
+    writes config.json into (the profile's first, the boot partition) with a readable
+    config.json. Every message names the file the user gave (not an unpacked copy).
+
+    Other differences from the profile's layout (a root or data label renamed, sizes) are the
+    layout suite's verdicts, not bad input: an image may fail them.
+    """
+    from testbed import image as img
+
+    boot = profile.layout.partitions[0].label
+    expected = ", ".join(repr(p.label) for p in profile.layout.partitions)
+    try:
+        layout = img.read_layout(image.path)
+        if boot not in layout.labels() and [lbl.casefold() for lbl in layout.labels()].count(boot.casefold()) != 1:
+            found = ", ".join(repr(lbl) for lbl in layout.labels()) or "none"
+            raise ConfigError(
+                f"{image.path}: no partition labelled {boot!r}, the boot partition of device {profile.name} "
+                f"(labels found: {found}; {profile.source} expects {expected}): pass the image built for this "
+                "device, or pick its profile with --device"
+            )
+        img.read_config_json(image.path, boot)
+    except ConfigError as exc:
+        text = str(exc)
+        if image.path != image.given:
+            text = text.replace(str(image.path), f"{image.given} (unpacked)")
+        raise ConfigError(text) from None
+
+
+def check_host(profile: Profile) -> None:
+    """What the profile's machine needs on this host (emulator, firmware, serial port, relay
+    package), before anything starts; ConfigError naming the key or option and the fix."""
+    from testbed.machines import check_host as machine_check
+
+    machine_check(profile)

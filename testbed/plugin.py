@@ -10,6 +10,7 @@ records to ``testbed.report.model`` when the session ends. The order of checks i
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import signal
@@ -33,8 +34,15 @@ from testbed.lab.network import LabNetwork
 from testbed.machines import provides
 from testbed.profile import Profile
 from testbed.report.model import RunInfo, TestRecord, build_report, image_facts
+from testbed.util import check_free_space, no_space, runtime_base
 
 DEFAULT_DEVICE = inputs.DEFAULT_DEVICE
+MODES = ("development", "production")
+# The plugin's fixtures that make a device: a run that uses one is checked against the host
+# (emulator, firmware, ports, free space) and the image against the profile before anything boots.
+DEVICE_FIXTURES = ("dut_booting", "dut_factory")
+RUNTIME_MIN_FREE = 256 << 20  # a device's overlay grows with what the guest writes
+REPORT_MIN_FREE = 8 << 20  # console logs, report.json, junit.xml, report.html
 SESSION_KEY = pytest.StashKey["TestbedSession"]()
 
 
@@ -48,9 +56,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--mode",
-        choices=["development", "production"],
         default=None,
-        help="set developmentMode in the booted copy's config.json (default: as the image has it)",
+        help="development or production: set developmentMode in the booted copy's config.json "
+        "(default: as the image has it)",
     )
     group.addoption(
         "--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)"
@@ -68,8 +76,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="host OS update bundle for the hup suite (default: the reference recipe built as a newer version)",
     )
+    # Parsed in pytest_configure (one line for a bad value, not argparse's usage and error).
     hup.addoption(
-        "--hup-power-cuts", type=int, default=5, help="power-cut trials of the hup suite (default %(default)s)"
+        "--hup-power-cuts", default="5", help="power-cut trials of the hup suite, 0 or more (default %(default)s)"
     )
     hup.addoption(
         "--hup-seed", type=int, default=None, help="seed of the power-cut moments (default: random, reported)"
@@ -164,8 +173,14 @@ class TestbedSession:
             now = datetime.now(UTC)
             run_id = now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
             self.run = RunInfo(device=profile.name, run_id=run_id, started=now.isoformat(timespec="seconds"))
-            self.run_dir = Path(self.config.getoption("--report-dir")) / profile.name / run_id
-            self.run_dir.mkdir(parents=True)
+            run_dir = Path(self.config.getoption("--report-dir")) / profile.name / run_id
+            try:
+                run_dir.mkdir(parents=True)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise InfraError(no_space(run_dir, exc)) from None
+                raise
+            self.run_dir = run_dir
         return self.run_dir
 
     def new_device(self, name: str = "", **options: Any) -> DUT:
@@ -234,6 +249,55 @@ class TestbedSession:
         """After -k, -m and --deselect: the order and early starts are of the checks that run."""
         schedule.order(items)
 
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Before the first check: what the checks that run will need, checked now, so that bad
+        input is one line and exit 4 (a lab fault here: exit 75) before anything boots."""
+        if self.config.option.collectonly or not session.items:
+            return
+        used = set().union(*(_plugin_fixtures(item) for item in session.items))
+        if not used:
+            return  # no testbed fixture: no report, no device
+        try:
+            names = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+            self.preflight(used, hup="hup_bundle" in names)
+        except ConfigError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        except InfraError as exc:
+            pytest.exit(f"testbed: lab fault: {exc}", returncode=rep.EXIT_INFRA)
+
+    def preflight(self, fixtures: set[str], hup: bool) -> None:
+        """The report directory; for a run that boots, the profile's machine on this host, the
+        image against the profile and the free space for the devices' overlays; the hup suite's
+        bundle. ConfigError for the user's input, InfraError for the lab's."""
+        if hup and self.image_option and not self.config.getoption("--hup-bundle"):
+            raise ConfigError(
+                "the hup suite needs an update bundle for --image: give one with --hup-bundle PATH "
+                "(the new root filesystem, ext4), or leave suites/hup out"
+            )
+        boots = bool(fixtures & set(DEVICE_FIXTURES))
+        if boots or fixtures & {"image_under_test", "device_profile"}:
+            profile = self.resolve_profile()
+            if not self.image_option:
+                from testbed import reference
+
+                reference.check_arch(profile.arch, profile.source)  # built on demand: for this arch?
+            if boots:
+                inputs.check_host(profile)
+                if self.image_option:
+                    self.resolve_image()
+                    assert self.image_input is not None
+                    inputs.check_image(self.image_input, profile)
+        report_dir = Path(self.config.getoption("--report-dir"))
+        _check_report_dir(report_dir, create=True)
+        check_free_space(
+            report_dir, REPORT_MIN_FREE, "the run's reports", "free space there or pass another --report-dir"
+        )
+        if boots:
+            check_free_space(
+                runtime_base(), RUNTIME_MIN_FREE, "the devices' disk overlays and sockets",
+                "free space there or point TESTBED_RUNTIME_DIR at a larger filesystem",
+            )  # fmt: skip
+
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
         self, item: pytest.Item, call: pytest.CallInfo[None]
@@ -252,6 +316,11 @@ class TestbedSession:
         exc = call.excinfo.value if call.excinfo is not None else None
         kind = classify(exc)
         text = _message(exc, report)
+        if kind == "config" and report.when == "setup":
+            # The user's to fix, and every later check would say it again: said once, the session
+            # stops (exit 4). What was set up is torn down as at any end of a session.
+            record.outcome, record.kind, record.message = "error", kind, text
+            raise pytest.UsageError(str(exc))
         # The device's fault is a failure wherever it shows; the lab's, the user's and a bug in
         # a check are errors.
         if record.outcome != "failed":  # a failure stays the check's verdict over a later error
@@ -261,7 +330,17 @@ class TestbedSession:
         record.message = (record.message + "\n" + text).strip() if record.message else text
         if kind == "infra" and report.when == "call":
             report.user_properties.append(("testbed_kind", "infra"))
+        if record.outcome == "error" and report.when == "call":
+            report.user_properties.append(("testbed_outcome", "error"))
         return report
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config) -> tuple[str, str, str] | None:
+        """pytest's own counts say what report.json says: a check that the lab (or the input, or a
+        bug in the check) stopped is an error, not a failure, also when it raised during the call."""
+        if report.when == "call" and report.failed and ("testbed_outcome", "error") in report.user_properties:
+            return "error", "E", "ERROR"
+        return None
 
     def hold(self) -> None:
         """``--keep-on-failure``: after a failed check, keep the running devices until the person
@@ -319,7 +398,13 @@ class TestbedSession:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.run_dir is None:
             return
-        code = self.write_report()
+        try:
+            code = self.write_report()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # The lab's disk, not the device: one line naming where and how much is left.
+            pytest.exit(f"testbed: lab fault: {no_space(self.run_dir, exc)}", returncode=rep.EXIT_INFRA)
         if exitstatus in (0, 1):
             session.exitstatus = code
 
@@ -337,6 +422,19 @@ class TestbedSession:
             f"{c['error']} errors, {c['skipped']} skipped)" + (f"; boot to SSH {cold:.1f}s" if cold else "")
         )
         terminalreporter.write_line(f"report: {self.run_dir}/report.html  (report.json, junit.xml, console.log)")
+
+
+def _plugin_fixtures(item: pytest.Item) -> set[str]:
+    """The fixtures of this plugin that ``item`` uses (a test's own fixture of the same name is not
+    one, nor the autouse one every test has)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return set()
+    return {
+        name
+        for name, defs in info.name2fixturedefs.items()
+        if defs and getattr(defs[-1].func, "__module__", None) == __name__ and name != "_testbed_start_early"
+    }
 
 
 def _list_failed_units(device: DUT) -> None:
@@ -383,6 +481,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(session, "testbed-session")
     # Explicit options are checked before anything runs: one line, no traceback.
     try:
+        _check_options(config)
         if config.getoption("--device") or any(
             config.getoption(o) is not None for o in ("--serial", "--relay", "--flash-to", "--ssh-host")
         ):
@@ -391,6 +490,53 @@ def pytest_configure(config: pytest.Config) -> None:
             session.resolve_image()
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+    except InfraError as exc:
+        pytest.exit(f"testbed: lab fault: {exc}", returncode=rep.EXIT_INFRA)
+
+
+def _check_options(config: pytest.Config) -> None:
+    """The options that need no profile or image: ConfigError naming the option and the fix."""
+    mode = config.getoption("--mode")
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"--mode {mode!r}: write --mode development or --mode production")
+    cuts = config.getoption("--hup-power-cuts")
+    try:
+        trials = int(cuts)
+    except (TypeError, ValueError):
+        trials = -1
+    if trials < 0:
+        raise ConfigError(f"--hup-power-cuts {cuts!r}: give the number of power-cut trials, 0 or more (0: none)")
+    config.option.hup_power_cuts = trials
+    bundle = config.getoption("--hup-bundle")
+    if bundle is not None and not Path(bundle).expanduser().is_file():
+        what = "a directory" if Path(bundle).expanduser().is_dir() else "no such file"
+        raise ConfigError(f"--hup-bundle {bundle}: {what}: give the update bundle (the new root filesystem, ext4)")
+    _check_report_dir(Path(config.getoption("--report-dir")), create=False)
+
+
+def _check_report_dir(path: Path, create: bool) -> None:
+    """``--report-dir`` must be a directory this run can write (made when ``create``)."""
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                what = "is a file" if part == path else f"is under {part}, which is a file"
+                raise ConfigError(
+                    f"--report-dir {path} {what}, not a directory: pass a directory (it is made if missing)"
+                )
+            break
+    if not create:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".testbed-write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise InfraError(no_space(path, exc)) from None
+        raise ConfigError(
+            f"--report-dir {path}: cannot write there ({exc.strerror}): pass a directory you can write"
+        ) from None
 
 
 # -- fixtures ------------------------------------------------------------------------------
@@ -403,10 +549,7 @@ def testbed_state(pytestconfig: pytest.Config) -> TestbedSession:
 @pytest.fixture(scope="session")
 def device_profile(testbed_state: TestbedSession) -> Profile:
     """The device profile of this run: expectations come from here, not from the tests."""
-    try:
-        return testbed_state.resolve_profile()
-    except ConfigError as exc:
-        pytest.exit(f"testbed: {exc}", returncode=rep.EXIT_USAGE)
+    return testbed_state.resolve_profile()  # a ConfigError ends the session in one line (makereport)
 
 
 @dataclass(frozen=True)
@@ -419,10 +562,7 @@ class ImageUnderTest:
 
 @pytest.fixture(scope="session")
 def image_under_test(testbed_state: TestbedSession) -> ImageUnderTest:
-    try:
-        path = testbed_state.resolve_image()
-    except ConfigError as exc:
-        pytest.exit(f"testbed: {exc}", returncode=rep.EXIT_USAGE)
+    path = testbed_state.resolve_image()
     testbed_state.open_run()
     return ImageUnderTest(path, testbed_state.image_format)
 
@@ -447,10 +587,7 @@ def dut_booting(testbed_state: TestbedSession, device_profile: Profile) -> Itera
     Requesting this before ``dut`` lets the device boot while other work goes on (a suite
     that also boots a second device starts both at once).
     """
-    try:
-        device = testbed_state.new_device()
-    except ConfigError as exc:
-        pytest.exit(f"testbed: {exc}", returncode=rep.EXIT_USAGE)
+    device = testbed_state.new_device()
     try:
         device.power_on(wait=False)
         if device.machine.accel_note:

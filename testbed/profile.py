@@ -45,24 +45,29 @@ class QemuSettings(_Strict):
     extra_args: list[str] = []
 
 
-class Timeouts(_Strict):
-    """Named timeouts, in seconds. Every wait in testbed uses one of these."""
+def _seconds(default: float, why: str = "") -> Any:
+    """A named timeout: more than 0 seconds (a wait of 0 or less would end before it began)."""
+    return Field(default, gt=0, description=why or None)
 
-    kvm_probe: float = 8.0
-    boot_to_login: float = 180.0
-    boot_to_ssh: float = 240.0
-    restore_to_ssh: float = 60.0
-    command: float = 120.0
-    shutdown: float = 60.0
+
+class Timeouts(_Strict):
+    """Named timeouts, in seconds, each more than 0. Every wait in testbed uses one of these."""
+
+    kvm_probe: float = _seconds(8.0)
+    boot_to_login: float = _seconds(180.0)
+    boot_to_ssh: float = _seconds(240.0)
+    restore_to_ssh: float = _seconds(60.0)
+    command: float = _seconds(120.0)
+    shutdown: float = _seconds(60.0)
     # From a reboot into a new root that must roll back until SSH answers on the old root:
     # the failed boot (or health checks), a restart and a good boot.
-    rollback: float = 420.0
+    rollback: float = _seconds(420.0)
     # From SSH ready on an updated root until its health check committed the update.
-    health_commit: float = 180.0
-    lab_services: float = 20.0  # the farm's dnsmasq and chronyd answering on the lab network
-    lab_address: float = 60.0  # the device's lab NIC holding an address from the farm's DHCP
-    ntp_sync: float = 120.0  # the device's chrony selecting the farm's NTP server (^*)
-    mdns_answer: float = 10.0  # <hostname>.local answered over mDNS on the lab network
+    health_commit: float = _seconds(180.0)
+    lab_services: float = _seconds(20.0, "the farm's dnsmasq and chronyd answering on the lab network")
+    lab_address: float = _seconds(60.0, "the device's lab NIC holding an address from the farm's DHCP")
+    ntp_sync: float = _seconds(120.0, "the device's chrony selecting the farm's NTP server (^*)")
+    mdns_answer: float = _seconds(10.0, "<hostname>.local answered over mDNS on the lab network")
 
 
 class ConsoleSettings(_Strict):
@@ -264,7 +269,9 @@ def _explain(error: ErrorDetails, path: Path) -> str:
         return f"{path}: unknown key '{where}' ({hint})"
     if error["type"] == "missing":
         return f"{path}: missing required key '{where}': add it to the profile"
-    return f"{path}: bad value for '{where}': {error['msg']} (got {error.get('input')!r})"
+    if error["type"] == "greater_than" and loc[:1] == ("timeouts",):
+        return f"{path}: timeouts.{loc[-1]} is {error.get('input')!r}: a timeout must be more than 0 seconds; fix it"
+    return f"{path}: bad value for '{where}': {error['msg']} (got {error.get('input')!r}); fix it in the profile"
 
 
 def load_profile(name_or_path: str, directory: Path = PROFILES_DIR) -> Profile:
@@ -296,7 +303,10 @@ def load_profile(name_or_path: str, directory: Path = PROFILES_DIR) -> Profile:
     try:
         profile = Profile.model_validate({**data, "source": path})
     except ValidationError as exc:
-        raise ConfigError(_explain(exc.errors()[0], path)) from None
+        # An unknown key first: a misspelled required key is also reported missing, and the
+        # misspelling is what the person has to fix.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise ConfigError(_explain(errors[0], path)) from None
     if profile.name != path.stem:
         raise ConfigError(f"{path}: 'name' is '{profile.name}' but the file is {path.name}; make them match")
     return profile

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -145,12 +147,99 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def runtime_base() -> Path:
+    """Where the runs' private directories live: ``TESTBED_RUNTIME_DIR``, else the system's temp directory."""
+    return Path(os.environ.get("TESTBED_RUNTIME_DIR") or tempfile.gettempdir())
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), or None if
+    there is no such process: with the PID, it names one process (a PID is reused, this pair not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: count after its end.
+    return stat.rpartition(")")[2].split()[19]
+
+
+_OWNER = f"{os.getpid()}.{_start_time(os.getpid())}"
+# testbed-[kind-]PID.START-random: the owner's PID and start time are in the name.
+_OWNED_DIR = re.compile(r"^testbed-(?:[a-z0-9]+-)*?(\d+)\.(\d+)-[A-Za-z0-9_]+$")
+_swept: set[Path] = set()
+
+
+def sweep_runtime_dirs(base: Path) -> list[Path]:
+    """Remove the private directories under ``base`` whose owner is gone (a run killed with
+    ``kill -9`` cannot remove its own); never one whose owner still runs. Returns those removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _OWNED_DIR.match(entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid, started = int(match.group(1)), match.group(2)
+        if _start_time(pid) == started:
+            continue  # its owner runs
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue  # another user's: not ours to remove
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
 def private_dir(prefix: str = "testbed-") -> Path:
-    """A new 0700 directory for sockets, overlays and firmware copies of one run."""
-    base = os.environ.get("TESTBED_RUNTIME_DIR") or None
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    """A new 0700 directory for sockets, overlays and firmware copies of one run.
+
+    Its name carries this process's PID and start time; the first one a process makes also
+    removes the leftovers of runs whose process is gone (``sweep_runtime_dirs``).
+    """
+    base = runtime_base()
+    if base not in _swept:
+        _swept.add(base)
+        sweep_runtime_dirs(base)
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{_OWNER}-", dir=base))
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise InfraError(no_space(base, exc)) from None
+        raise
     path.chmod(0o700)
     return path
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes (for this user) of the filesystem that holds ``path`` or its nearest existing parent."""
+    for candidate in (path, *path.parents):
+        try:
+            st = os.statvfs(candidate)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def no_space(path: Path, exc: BaseException | None = None) -> str:
+    """One line for a full disk: the path, its free space, and what to do."""
+    detail = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
+    return f"no space left on the disk of {path}{detail}: {_mib(free_bytes(path))} free; free space there"
+
+
+def check_free_space(path: Path, need: int, what: str, fix: str) -> None:
+    """InfraError (the lab's disk) unless the filesystem of ``path`` has ``need`` bytes free for ``what``."""
+    have = free_bytes(path)
+    if have < need:
+        raise InfraError(f"{path} has {_mib(have)} free, {what} need at least {_mib(need)}: {fix}")
 
 
 def listening_unix_socket(path: Path) -> socket.socket:
@@ -188,4 +277,8 @@ def qemu_img(*args: str) -> None:
     tool = require_tool("qemu-img", "qemu-utils")
     done = subprocess.run([tool, *args], capture_output=True, text=True)
     if done.returncode != 0:
-        raise InfraError(f"qemu-img {' '.join(args)} failed: {done.stderr.strip()}")
+        message = done.stderr.strip()
+        if "No space left" in message:
+            # The file qemu-img writes is the last argument: say where and how much is free.
+            raise InfraError(f"qemu-img {args[0]}: {no_space(Path(args[-1]).parent)}")
+        raise InfraError(f"qemu-img {' '.join(args)} failed: {message}")

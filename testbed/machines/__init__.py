@@ -58,6 +58,22 @@ def provides(profile: Profile) -> frozenset[str]:
     return _KINDS[_kind(profile)][1]
 
 
+def check_host(profile: Profile) -> None:
+    """What a machine of ``profile`` needs on this host (an emulator, firmware, a serial port, a
+    relay driver's package), checked before any machine exists: ConfigError naming the profile
+    key or the option and the fix. The run calls it once, before anything boots."""
+    kind = _kind(profile)
+    if kind == ("board", ""):
+        from testbed.machines.board import check_host as board_check
+
+        board_check(profile)
+        return
+    from testbed.machines.qemu import check_host as qemu_check
+
+    assert profile.qemu is not None  # QEMU and the virtual bench: the profile's validator
+    qemu_check(profile.qemu, profile.source)
+
+
 def make_machine(
     profile: Profile,
     image: Path,
@@ -86,4 +102,4 @@ def make_machine(
     return machine
 
 
-__all__ = ["Capabilities", "Machine", "make_machine", "provides"]
+__all__ = ["Capabilities", "Machine", "check_host", "make_machine", "provides"]

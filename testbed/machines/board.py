@@ -34,8 +34,33 @@ from testbed.flash import FlashResult, make_flasher
 from testbed.lab.lock import DeviceLock
 from testbed.machines.base import Capabilities, MachineEvents
 from testbed.power import Power, make_power
+from testbed.power import preflight as power_preflight
 from testbed.profile import BoardSettings, Profile
 from testbed.util import private_dir, qemu_img
+
+
+def serial_ports_present() -> str:
+    """The serial adapters this host has now, by id (what a person picks from), for messages."""
+    by_id = Path("/dev/serial/by-id")
+    ports = sorted(str(p) for p in by_id.iterdir()) if by_id.is_dir() else []
+    return ", ".join(ports) if ports else f"none in {by_id}/ (is the USB serial adapter plugged in?)"
+
+
+def check_host(profile: Profile) -> None:
+    """What a board needs before the run starts, checked before anything is touched: its serial
+    port exists (a local one; a serial server is reached when the run opens it) and its power
+    driver's optional package is installed. ConfigError naming the option or key and the fix.
+    A port that vanishes later is the lab's (InfraError from the console)."""
+    board = profile.board
+    if board is None or board.bench != "none":
+        return
+    if board.serial is not None and "://" not in board.serial.url and not os.path.exists(board.serial.url):
+        raise ConfigError(
+            f"serial port {board.serial.url} does not exist (--serial, or board.serial.url in {profile.source}): "
+            f"ports present: {serial_ports_present()}"
+        )
+    if board.power is not None:
+        power_preflight(board.power)
 
 
 class BoardMachine:

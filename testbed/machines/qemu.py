@@ -49,11 +49,35 @@ def _firmware_paths(settings: QemuSettings, source: Path | None) -> tuple[Path, 
     code, vars_ = settings.firmware.code, settings.firmware.vars
     for key, path in (("qemu.firmware.code", code), ("qemu.firmware.vars", vars_)):
         if not path.is_file():
+            package = "qemu-efi-aarch64" if "aarch64" in settings.binary else "ovmf"
             raise ConfigError(
-                f"{source}: {key} is {path}, which does not exist: install the firmware (apt-get install ovmf) "
-                "or point the profile at it"
+                f"{source}: {key} is {path}, which does not exist: install the firmware (apt-get install {package}) "
+                f"or point {key} at it"
             )
     return code, vars_
+
+
+def emulator_package(binary: str) -> str:
+    """The Debian package that provides a QEMU system emulator."""
+    name = Path(binary).name
+    if "x86" in name or name.endswith("i386"):
+        return "qemu-system-x86"
+    if "aarch64" in name or "arm" in name:
+        return "qemu-system-arm"
+    return "qemu-system-misc"
+
+
+def check_host(settings: QemuSettings, source: Path | None) -> None:
+    """What a QEMU device of a profile needs on this host, checked before anything starts: the
+    emulator, qemu-img and the firmware files. ConfigError naming the profile key and the fix."""
+    if shutil.which(settings.binary) is None:
+        package = emulator_package(settings.binary)
+        raise ConfigError(
+            f"{source}: qemu.binary {settings.binary!r} is not installed: install the '{package}' package "
+            f"(apt-get install {package}), or set qemu.binary to the emulator's path"
+        )
+    require_tool("qemu-img", "qemu-utils")
+    _firmware_paths(settings, source)
 
 
 def firmware_argv(
@@ -285,7 +309,7 @@ class QemuMachine:
         """Create the overlay and the firmware variables copy (once per device)."""
         if self.prepared:
             return
-        require_tool(self.settings.binary, "qemu-system-x86" if "x86" in self.settings.binary else "qemu-system-arm")
+        check_host(self.settings, self.profile.source)
         _code, vars_template = _firmware_paths(self.settings, self.profile.source)
         self.accel, self.accel_note = probe_accel(self.profile)
         qemu_img("create", "-q", "-f", "qcow2", "-F", self.image_format, "-b", str(self.image), str(self.overlay))

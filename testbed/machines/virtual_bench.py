@@ -42,9 +42,10 @@ from testbed.console import ConsoleLog
 from testbed.errors import ConfigError, InfraError
 from testbed.machines.board import BoardMachine
 from testbed.machines.qemu import _firmware_paths, machine_argv, probe_accel
+from testbed.machines.qemu import check_host as qemu_host_check
 from testbed.power.emulator import RelayEmulator
 from testbed.profile import BoardSettings, BoardSshSettings, Profile, SerialSettings
-from testbed.util import OwnedProcess, free_port, listening_unix_socket, private_dir, require_tool
+from testbed.util import OwnedProcess, free_port, listening_unix_socket, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ class VirtualBench:
         assert profile.qemu is not None and profile.board is not None
         self.profile = profile
         self.qemu = profile.qemu
-        require_tool(self.qemu.binary, "qemu-system-x86" if "x86" in self.qemu.binary else "qemu-system-arm")
+        qemu_host_check(self.qemu, profile.source)
         self.workdir = private_dir("testbed-bench-")
         self.proc: OwnedProcess | None = None
         self.adapter: PtyAdapter | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from testbed.power.base import Switch
 from testbed.power.command import CommandPower
 from testbed.power.gpio import GpioPower
 from testbed.power.hid_relay import HidRelay
@@ -56,6 +57,17 @@ def make_power(spec: dict[str, Any], **code_args: Any) -> Power:
     return build("power", DRIVERS, spec, **code_args)
 
 
+def preflight(spec: dict[str, Any]) -> None:
+    """Check a ``power:`` mapping before the run starts, without touching the hardware: its keys,
+    and what its driver needs on this host (an optional package). ConfigError says how to fix it."""
+    driver = make_power(spec)
+    try:
+        if isinstance(driver, Switch):
+            driver.preflight()
+    finally:
+        driver.close()
+
+
 __all__ = [
     "DRIVERS",
     "CommandPower",
@@ -65,4 +77,5 @@ __all__ = [
     "Power",
     "SerialRelay",
     "make_power",
+    "preflight",
 ]

@@ -31,6 +31,10 @@ class Switch:
     def close(self) -> None:
         """Let go of the driver's port or device (nothing to let go of by default)."""
 
+    def preflight(self) -> None:
+        """Before the run: ConfigError if this host lacks what the driver needs (an optional
+        package). Touches no hardware; nothing to check by default."""
+
     def cycle(self) -> None:
         self.off()
         # Not a synchronisation wait: the board's capacitors must discharge, or it may not

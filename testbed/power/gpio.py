@@ -59,6 +59,9 @@ class GpioPower(Switch):
             self.chip = f"/dev/{self.chip}"
         check_off_seconds(self.off_seconds)
 
+    def preflight(self) -> None:
+        import_gpiod()
+
     def on(self) -> None:
         self._set(True)
 

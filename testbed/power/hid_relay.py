@@ -96,6 +96,10 @@ class HidRelay(Switch):
             raise ConfigError("give either serial or path, not both")
         check_off_seconds(self.off_seconds)
 
+    def preflight(self) -> None:
+        if self.hid_api is None and self.device is None:
+            _import_hid()
+
     @property
     def where(self) -> str:
         return f"HID relay {self.serial or self.path or '(only board)'}"

@@ -15,6 +15,7 @@ The port is opened through ``serial.serial_for_url``, so a device path
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -85,6 +86,15 @@ class SerialRelay(Switch):
         if self.answer_timeout <= 0:
             raise ConfigError(f"answer_timeout must be positive, got {self.answer_timeout}")
         check_off_seconds(self.off_seconds)
+
+    def preflight(self) -> None:
+        if "://" not in self.port and not os.path.exists(self.port):
+            by_id = "/dev/serial/by-id"
+            present = sorted(os.listdir(by_id)) if os.path.isdir(by_id) else []
+            listed = ", ".join(f"{by_id}/{p}" for p in present) or f"none in {by_id}/ (is the relay plugged in?)"
+            raise ConfigError(
+                f"relay port {self.port} does not exist (--relay, or power.port in the profile): ports present: {listed}"
+            )
 
     def on(self) -> None:
         self._switch(True)
