@@ -15,6 +15,7 @@ Tests talk to a DUT, never to QEMU or a serial port. What the DUT is made of:
 
 from __future__ import annotations
 
+import re
 import shlex
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -40,6 +41,19 @@ _RUNNING_ROOT = (
     "for a in $(cat /proc/cmdline); do case $a in root=LABEL=*) echo ${a#root=LABEL=}; exit;; esac; done;"
     ' lsblk -no PARTLABEL "$(findmnt -no SOURCE /)"'
 )
+
+
+# A shell saying a command does not exist: bash ("bash: line 1: jq: command not found") and
+# dash ("sh: 1: jq: not found").
+_MISSING_TOOL = re.compile(
+    r"^(?:[\w./-]+: )?(?:line \d+: )?([\w.+-]+): command not found$|^[\w./-]+: \d+: ([\w.+-]+): not found$", re.M
+)
+
+
+def missing_tool(result: CommandResult) -> str | None:
+    """The command the device's shell did not find while running ``result``, if any."""
+    found = _MISSING_TOOL.search(result.stderr)
+    return (found.group(1) or found.group(2)) if found else None
 
 
 def describe_failure(result: CommandResult) -> str:
@@ -306,9 +320,40 @@ class DUT:
             self.ssh.wait_ready(self.profile.timeouts.restore_to_ssh, abort=self.boot.abort_if_dead)
         result = self.ssh.run(command, timeout or self.profile.timeouts.command)
         self.record(result)
+        self._require_tools(result)
         if check and not result.ok:
             raise DutError(describe_failure(result))
         return result
+
+    def _require_tools(self, result: CommandResult) -> None:
+        """A check whose command needs a tool the image lacks cannot say anything about its
+        promise: it fails naming the tool, not with the shell's raw error (or, worse, with a
+        wrong answer where the command's output was read anyway)."""
+        tool = missing_tool(result)
+        if tool is None:
+            return
+        raise DutError(
+            f"this check could not be made: the image on {self.name} lacks `{tool}` "
+            f'(its shell said "{tool}: not found" running `{result.command}`); an image '
+            f"certified with this suite needs `{tool}`, or this promise cannot be checked on it"
+        )
+
+    def ssh_offered_methods(self) -> list[str]:
+        """The authentication methods the device's sshd offers a new client that logs in as the
+        profile's user and tries ``none`` first (what a client is told it may try next);
+        ``["none"]`` if ``none`` itself was accepted. Recorded as evidence."""
+        host, port = self.endpoint("ssh")
+        offered = SshClient(host, port, self.profile.ssh.user).offered_methods(timeout=20)
+        self.record_note(f"ssh {self.profile.ssh.user}@{host}:{port}: methods offered after `none`", ", ".join(offered))
+        return offered
+
+    def host_key(self) -> str:
+        """The SSH host key this device presents now (type and SHA256 fingerprint)."""
+        if not self.ssh.connected():
+            self.ssh.wait_ready(self.profile.timeouts.restore_to_ssh, abort=self.boot.abort_if_dead)
+        key = self.ssh.server_key()
+        self.record_note("SSH host key presented", key)
+        return key
 
     def upload(self, local: Path, remote: str, timeout: float = 600) -> CommandResult:
         """Copy a (large) file to the device over SSH, zstd-compressed on the way when the device

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
 import logging
 import os
 import select
@@ -148,6 +150,31 @@ class SshClient:
         finally:
             for probe in probes:
                 probe.close()
+
+    def offered_methods(self, timeout: float = 10.0) -> list[str]:
+        """Connect, ask to log in with ``none``, and return what the server offers instead
+        (``["none"]`` when ``none`` was accepted). Closes the connection."""
+        self.close()
+        sock = self._answering_socket(timeout)
+        transport = paramiko.Transport(sock)
+        transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = timeout
+        try:
+            transport.start_client(timeout=timeout)
+            try:
+                transport.auth_none(self.user)
+            except paramiko.BadAuthenticationType as exc:
+                return list(exc.allowed_types)
+            return ["none"]
+        finally:
+            transport.close()
+
+    def server_key(self) -> str:
+        """The connected server's host key: its type and SHA256 fingerprint."""
+        if self.transport is None:
+            raise InfraError(f"SSH to {self.host}:{self.port} is not connected")
+        key = self.transport.get_remote_server_key()
+        digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+        return f"{key.get_name()} SHA256:{digest}"
 
     def _authenticate(self, transport: paramiko.Transport, methods: tuple[str, ...]) -> None:
         tried: list[str] = []

@@ -22,6 +22,7 @@ from testbed import reference
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_JSON_SCRIPT = "/usr/libexec/testbed/config-json"
+NM_OOM_DROPIN = "/etc/systemd/system/NetworkManager.service.d/10-testbed.conf"
 
 pytestmark = pytest.mark.usefixtures("qemu_tools")
 
@@ -38,6 +39,17 @@ def root_file(path: str, old: str, new: str) -> Callable[[Path], None]:
         part = img.read_layout(overlay).by_label("resin-rootA")
         current = img.read_file_from_ext(overlay, part, path).decode()
         img.edit_ext4_in_overlay(overlay, part, {path: _replace(current, old, new, path)})
+
+    return edit
+
+
+def root_file_removed(path: str) -> Callable[[Path], None]:
+    """A defect: ``path`` missing from resin-rootA (a tool the image lacks)."""
+
+    def edit(overlay: Path) -> None:
+        part = img.read_layout(overlay).by_label("resin-rootA")
+        img.read_file_from_ext(overlay, part, path)  # there before: the defect is its absence
+        img.edit_ext4_in_overlay(overlay, part, {path: None})
 
     return edit
 
@@ -138,6 +150,46 @@ DEFECTS = {
         ],
         run=["suites/modes", "--mode", "production"],
         fails={"test_engine_api_matches_mode": "production mode must not listen on 2375"},
+    ),
+    # Three defects of a production image on one boot: an sshd that also offers passwords (root
+    # with an empty password is still refused, so the passwordless-login check passes), a
+    # critical service left at the default OOM score, and a service out of its sandbox.
+    "production-offers-passwords-and-unprotected-services": Defect(
+        edits=[
+            root_file(CONFIG_JSON_SCRIPT, "PasswordAuthentication no", "PasswordAuthentication yes"),
+            root_file(CONFIG_JSON_SCRIPT, "PermitRootLogin prohibit-password", "PermitRootLogin yes"),
+            root_file(NM_OOM_DROPIN, "OOMScoreAdjust=-900", "OOMScoreAdjust=0"),
+            root_file(
+                "/etc/systemd/system/dnsmasq.service", "PrivateTmp=yes\nProtectSystem=full\nProtectHome=yes\n", ""
+            ),
+        ],
+        run=["suites/modes", "suites/services", "--mode", "production"],
+        fails={
+            "test_sshd_offers_what_the_mode_allows": "passwordauthentication no (is yes)",
+            "test_critical_services_are_protected_from_the_oom_killer": "NetworkManager.service (PID",
+            "test_sandboxed_services_run_in_their_own_mount_namespace": "dnsmasq.service (PID",
+        },
+    ),
+    # A device that makes itself anew at every boot: a new SSH host key and a new machine-id
+    # written over the ones on resin-state (the bind mounts are there, their content is new);
+    # and an image without dumpe2fs, which the fsck check needs (the check must say so).
+    "identity-made-anew-at-every-boot": Defect(
+        edits=[
+            root_file(
+                CONFIG_JSON_SCRIPT,
+                'mkdir -p "${RUNDIR}/sshd_config.d"',
+                "rm -f /etc/ssh/hostkeys/ssh_host_ed25519_key*\n"
+                "tr -d - < /proc/sys/kernel/random/uuid > /etc/machine-id\n"
+                'mkdir -p "${RUNDIR}/sshd_config.d"',
+            ),
+            root_file_removed("/usr/sbin/dumpe2fs"),
+        ],
+        run=["suites/rootfs", "-k", "identity or checked_at_boot"],
+        fails={
+            "test_identity_survives_a_reboot": "SSH host key ssh-ed25519",
+            "test_identity_survives_a_power_cut": "/etc/machine-id",
+            "test_filesystems_checked_at_boot_come_back_clean": "lacks `dumpe2fs`",
+        },
     ),
     # Five defects on one image, to keep the boots few (the session's device, the configured
     # one and the shared reboot): config.json's hostname ignored, the journal not persisted,

@@ -42,6 +42,34 @@ def test_passwordless_root_login_matches_mode(dut: DUT, mode: str) -> None:
         assert outcome.startswith("refused"), f"production mode must refuse passwordless root on SSH; it was {outcome}"
 
 
+# sshd's effective settings (`sshd -T`) that decide who may log in, and the values each mode
+# needs: production takes keys only (no password of any kind, no empty password, root only
+# with a key); development lets root in without a password.
+PRODUCTION_SSHD = {
+    "passwordauthentication": {"no"},
+    "kbdinteractiveauthentication": {"no"},
+    "permitemptypasswords": {"no"},
+    "permitrootlogin": {"prohibit-password", "without-password", "forced-commands-only", "no"},
+    "pubkeyauthentication": {"yes"},
+    "authenticationmethods": {"any", "publickey"},
+}
+DEVELOPMENT_SSHD = {"permitemptypasswords": {"yes"}, "permitrootlogin": {"yes"}}
+
+
+def test_sshd_offers_what_the_mode_allows(dut: DUT, mode: str) -> None:
+    settings = dict(line.split(" ", 1) for line in dut.run("sshd -T", check=True).stdout.splitlines() if " " in line)
+    wanted = PRODUCTION_SSHD if mode == "production" else DEVELOPMENT_SSHD
+    wrong = {k: settings.get(k, "(not set)") for k, ok in wanted.items() if settings.get(k) not in ok}
+    assert not wrong, f"{mode} mode: sshd's effective settings (`sshd -T`) must be " + ", ".join(
+        f"{k} {'|'.join(sorted(wanted[k]))} (is {v})" for k, v in wrong.items()
+    )
+    if mode == "production":
+        offered = dut.ssh_offered_methods()
+        assert offered == ["publickey"], (
+            f"production mode must offer publickey authentication only; after `none` sshd offers {', '.join(offered)}"
+        )
+
+
 def test_key_from_config_json_logs_in(dut: DUT) -> None:
     outcome = dut.try_ssh_login("with the key listed in config.json os.sshKeys", key=dut.key, methods=("publickey",))
     assert outcome == "accepted (publickey)", f"a key listed in config.json os.sshKeys must log in; {outcome}"

@@ -156,3 +156,37 @@ def test_no_writable_mount_of_the_root_device(dut: DUT) -> None:
 def test_root_files_match_the_fingerprint(dut: DUT) -> None:
     """The root's files are the ones the image was built with."""
     assert_root_matches_fingerprint(dut, "the root")
+
+
+def _identity(dut: DUT) -> dict[str, str]:
+    """What makes the device the same device: the SSH host key it presents and its machine-id."""
+    return {"SSH host key": dut.host_key(), "/etc/machine-id": dut.read_file("/etc/machine-id").strip()}
+
+
+def _assert_same_identity(before: dict[str, str], after: dict[str, str], event: str) -> None:
+    changed = [f"{what} {before[what] or '(empty)'} became {after[what] or '(empty)'}" for what in before
+               if after[what] != before[what] or not after[what]]  # fmt: skip
+    assert not changed, (
+        f"the device must be the same device after {event} (state on resin-state, not made anew at boot): "
+        + "; ".join(changed)
+    )
+
+
+@pytest.mark.reboot_round(prepare=_identity)
+def test_identity_survives_a_reboot(reboot_round: RebootRound) -> None:
+    """The SSH host key and /etc/machine-id are kept, not just their bind mounts."""
+    before = reboot_round.before(_identity)
+    _assert_same_identity(before, _identity(reboot_round.dut), "a reboot")
+
+
+def test_identity_survives_a_power_cut(fresh_dut: DUT) -> None:
+    """Power cut right after the first boot reached SSH: what the first boot created (the host
+    key, the machine-id) must already be on disk."""
+    dut = fresh_dut
+    before = _identity(dut)
+    try:
+        dut.power_cycle()
+        _assert_same_identity(before, _identity(dut), "a power cut")
+    finally:
+        if dut.snapshots is not None:  # the other checks get the device of the first boot back
+            dut.restore("ready")
