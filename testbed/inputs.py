@@ -60,7 +60,12 @@ def resolve_image(option: str | None, profile: Profile, say: Say) -> ImageInput:
     from testbed import image as img
 
     if option:
-        given = Path(option).expanduser().resolve()
+        try:
+            given = Path(option).expanduser().resolve()
+        except (OSError, RuntimeError) as exc:  # a loop of symbolic links
+            raise ConfigError(
+                f"cannot read image {option}: {getattr(exc, 'strerror', None) or exc} — check the path given to --image"
+            ) from None
         _check_file_kind(given)
         from testbed import unpack
 

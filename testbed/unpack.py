@@ -100,7 +100,9 @@ def _compression(path: Path) -> str | None:
     except FileNotFoundError:
         raise ConfigError(f"image not found: {path} — check the path given to --image") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path} is a directory, not an image — pass the image file itself") from None
+        raise ConfigError(
+            f"{path} is a directory, not a disk image — pass --image with the image file itself"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read image {path}: {exc.strerror} — check the path and its permissions") from None
     found = next((fmt for magic, fmt in _MAGICS if head.startswith(magic)), None)
