@@ -34,7 +34,7 @@ from testbed.lab.network import LabNetwork
 from testbed.machines import provides
 from testbed.profile import Profile
 from testbed.report.model import RunInfo, TestRecord, build_report, image_facts
-from testbed.util import check_free_space, no_space, runtime_base
+from testbed.util import check_free_space, no_space, runtime_base, sweep_runtime_dirs
 
 DEFAULT_DEVICE = inputs.DEFAULT_DEVICE
 MODES = ("development", "production")
@@ -476,6 +476,8 @@ def pytest_configure(config: pytest.Config) -> None:
         # A CI job cancelled, a `kill`: end as Ctrl-C does, so that devices are closed and their
         # directories removed (their QEMU would die with pytest anyway).
         signal.signal(signal.SIGTERM, _terminate)
+    # What runs killed with kill -9 left (their owner is gone; a live run's are never touched).
+    sweep_runtime_dirs(runtime_base())
     session = TestbedSession(config)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "testbed-session")

@@ -395,3 +395,64 @@ def test_keep_on_failure_is_refused_under_ci(
     monkeypatch.setenv("CI", "true")
     result = run_checks(pytester, PASSING, "--keep-on-failure", image=image)
     assert_usage_error(pytester, result, "--keep-on-failure", "CI=true")
+
+
+def test_config_error_in_setup_is_said_once_and_ends_the_run(pytester: pytest.Pytester, image: Path) -> None:
+    """A ConfigError while a check is set up (a fixture: a driver's missing package, a bundle
+    that is not there) is the user's to fix: one line, exit 4, no check after it runs."""
+    result = run_checks(
+        pytester,
+        """
+        import pytest
+        from testbed.errors import ConfigError
+
+        @pytest.fixture(scope="session")
+        def relay(image_under_test):
+            raise ConfigError("power driver 'hid-relay' needs the 'hidapi' Python package: pip install hidapi")
+
+        def test_one(relay):
+            pass
+
+        def test_two(relay):
+            pass
+        """,
+        image=image,
+    )
+
+    text = output(result)
+    assert result.ret == 4, text
+    assert "Traceback" not in text
+    assert [line for line in text.splitlines() if "hidapi" in line] == [
+        "ERROR: power driver 'hid-relay' needs the 'hidapi' Python package: pip install hidapi"
+    ], text
+    record = record_of(load_report(pytester), "test_one")
+    assert (record["outcome"], record["kind"]) == ("error", "config")
+
+
+def test_an_error_in_a_checks_call_is_an_error_in_pytests_own_counts(pytester: pytest.Pytester, image: Path) -> None:
+    """pytest's last line says what report.json says: a lab fault (or a bug in a check) raised
+    while the check ran is an error, not a failure."""
+    result = run_checks(
+        pytester,
+        """
+        from testbed.errors import DutError, InfraError
+
+        def test_lab(image_under_test):
+            raise InfraError("QEMU exited (code -9)")
+
+        def test_bug(image_under_test):
+            raise TypeError("a bug in the check")
+
+        def test_device(image_under_test):
+            raise DutError("the device said no")
+
+        def test_fine(image_under_test):
+            pass
+        """,
+        image=image,
+    )
+
+    assert result.ret == 1, output(result)
+    assert load_report(pytester)["counts"] == {"passed": 1, "failed": 1, "error": 2, "skipped": 0}
+    result.assert_outcomes(passed=1, failed=1, errors=2)
+    assert "ERROR test_checks.py::test_lab - " in output(result)
