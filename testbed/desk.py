@@ -104,6 +104,10 @@ def console_main(args: argparse.Namespace) -> int:
             args.device, serial=args.serial, relay=args.relay, flash_to=args.flash_to, ssh_host=args.ssh_host
         )
         image = inputs.resolve_image(args.image, profile, say)
+        if not args.dry_run:
+            inputs.check_host(profile)  # as the plugin does: before anything is made or booted
+            if args.image:
+                inputs.check_image(image, profile)
     except ConfigError as exc:
         print(f"testbed: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -141,6 +141,11 @@ def test_no_qemu_outlives_its_pytest(reference_image: Path, tmp_path: Path, how:
         wait_until(lambda: not _qemu_pids(runtime), 15, "QEMU to exit after its pytest went away")
         if how != signal.SIGKILL:  # a run that could clean up removed what it made
             assert sorted(p.name for p in runtime.iterdir()) == [], f"left in {runtime} after {how.name}"
+        else:  # kill -9 left its directory: the next run removes it, its owner being gone
+            assert list(runtime.iterdir()), "kill -9 left nothing: this test no longer sees a leftover"
+            done = _pytest("--collect-only", "-q", "suites/smoke", env=_env(runtime), timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert sorted(p.name for p in runtime.iterdir()) == [], f"left in {runtime} after the next run"
     finally:
         proc.kill()
         proc.wait()
