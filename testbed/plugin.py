@@ -125,6 +125,7 @@ class TestbedSession:
         self.facts: dict[str, Any] = {}
         self.tests: dict[str, TestRecord] = {}
         self.failed = False  # a check failed (the device's fault, not the lab's)
+        self.session_device: DUT | None = None  # the ``dut`` fixture's, once snapshotted "ready"
         self._held = False
 
     # -- inputs (errors here are the user's to fix) ---------------------------------------
@@ -297,6 +298,24 @@ class TestbedSession:
                 runtime_base(), RUNTIME_MIN_FREE, "the devices' disk overlays and sockets",
                 "free space there or point TESTBED_RUNTIME_DIR at a larger filesystem",
             )  # fmt: skip
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        """A check on the session's device after its machine died (QEMU killed, a lab fault that
+        the check before it reported): restore the device to its "ready" snapshot first, so that
+        one fault costs one check. The check's report says it ran after a recovery."""
+        device = self.session_device
+        if device is None or "dut" not in getattr(item, "fixturenames", ()):
+            return
+        if device.state == BootState.OFF or device.machine.is_on():
+            return  # switched off on purpose by a check, or running
+        assert device.snapshots is not None  # session_device is set once "ready" is saved
+        what = f"{device.name}'s machine had died: restored to snapshot 'ready' before this check"
+        device.power.cut()  # what is left of the dead machine: its sockets, the boot record
+        device.restore("ready")
+        self.record_for(item.nodeid).recovered = what
+        ev.note("recovery after a lab fault", what, device=device.name)
+        self.say(what)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
@@ -615,6 +634,8 @@ def dut(testbed_state: TestbedSession, dut_booting: DUT) -> DUT:
     testbed_state.say(f"{device.name} ready over SSH {boot.ssh_ready_s:.1f}s after power on ({device.machine.accel})")
     testbed_state.note_facts(device, replace=True)
     device.save_snapshot("ready")
+    if device.snapshots is not None:
+        testbed_state.session_device = device  # restored after a lab fault (pytest_runtest_setup)
     return device
 
 

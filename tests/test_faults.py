@@ -1,7 +1,8 @@
 """Faults of the lab, not of the device or the input: a run killed with ``kill -9`` (its private
 directory removed by the next run), a full disk where the overlays or the reports live (exit 75,
 one line naming the path and its free space), and QEMU killed in the middle of a check (exit 75,
-and pytest's own summary counts the same errors as report.json).
+pytest's own summary counts the same errors as report.json, and the next check runs on the
+device restored to its snapshot).
 """
 
 from __future__ import annotations
@@ -226,7 +227,9 @@ def reference_image(qemu_tools: None) -> Path:
     return reference.build()
 
 
-def test_qemu_killed_in_a_check_is_counted_as_errors_everywhere(reference_image: Path, tmp_path: Path) -> None:
+def test_qemu_killed_in_a_check_is_an_error_everywhere_and_the_next_check_runs_on_a_restored_device(
+    reference_image: Path, tmp_path: Path
+) -> None:
     (tmp_path / "test_killed.py").write_text(textwrap.dedent(KILLED))
     runtime = tmp_path / "rt"
     runtime.mkdir()
@@ -239,15 +242,21 @@ def test_qemu_killed_in_a_check_is_counted_as_errors_everywhere(reference_image:
     assert done.returncode == 75, text
     (report_file,) = reports.glob("*/*/report.json")
     report = json.loads(report_file.read_text())
-    assert report["counts"] == {"passed": 1, "failed": 0, "error": 2, "skipped": 0}, report["counts"]
-    outcomes = {t["nodeid"].rpartition("::")[2]: (t["outcome"], t["kind"]) for t in report["tests"]}
-    assert outcomes["test_b_qemu_killed_during_the_check"] == ("error", "infra")
-    assert outcomes["test_c_after"] == ("error", "infra")
+    assert report["counts"] == {"passed": 2, "failed": 0, "error": 1, "skipped": 0}, text
+    tests = {t["nodeid"].rpartition("::")[2]: t for t in report["tests"]}
+    killed, after = tests["test_b_qemu_killed_during_the_check"], tests["test_c_after"]
+    assert (killed["outcome"], killed["kind"]) == ("error", "infra"), killed
+    assert "QEMU" in killed["message"], killed["message"]
+    # The check after the fault ran on the device restored to its first snapshot, and says so.
+    assert after["outcome"] == "passed", after
+    assert "restored to snapshot 'ready'" in after["recovered"], after
+    assert [e for e in after["evidence"] if e["command"] == "recovery after a lab fault"], after["evidence"]
+    assert tests["test_a_before"]["recovered"] == "" and killed["recovered"] == ""
     suite = ET.parse(report_file.parent / "junit.xml").getroot().find("testsuite")
-    assert suite is not None and (suite.get("failures"), suite.get("errors")) == ("0", "2")
-    # pytest's own last line tells a CI reader the same: errors, no failures.
+    assert suite is not None and (suite.get("failures"), suite.get("errors")) == ("0", "1")
+    # pytest's own last line tells a CI reader the same: an error, no failure.
     summary = [line for line in done.stdout.splitlines() if re.match(r"^=+ .* in [\d.]+s", line)][-1]
-    assert "1 passed" in summary and "2 errors" in summary and "failed" not in summary, summary
+    assert "2 passed" in summary and "1 error" in summary and "failed" not in summary, summary
     assert "ERROR test_killed.py::test_b_qemu_killed_during_the_check" in done.stdout
-    assert not [p for p in runtime.iterdir()], "the run's private directories were left"
+    assert not list(runtime.iterdir()), "the run's private directories were left"
     shutil.rmtree(reports, ignore_errors=True)

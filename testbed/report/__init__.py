@@ -13,6 +13,7 @@
     timings: {boot_to_ssh_s, boots: [{device, kind, started, accelerator, ended_by, end_s,
               stages: [{stage, at_s, detail}], ssh_ready_s, login_prompt_s, firmware_s, kernel_s}]}
     tests: [{nodeid, outcome, duration_s, message, kind (dut | assertion | infra | config | test),
+             recovered (empty, or how the device was restored after a lab fault before this check),
              evidence: [{kind (command | step | note | offline), transport, command,
              exit_code, stdout, stderr, started, duration_s, device}]}]
     testbed: {version, host}

@@ -41,6 +41,7 @@ class TestRecord:
     kind: str = ""  # for failures and errors: one of KINDS
     collector: Collector = field(default_factory=Collector)
     started: float = 0.0  # time.monotonic() when the check began (its setup)
+    recovered: str = ""  # the check ran on a device restored after a lab fault: what was done
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +50,7 @@ class TestRecord:
             "duration_s": round(self.duration_s, 3),
             "message": self.message,
             "kind": self.kind,
+            "recovered": self.recovered,
             "evidence": [event.as_dict() for event in self.collector.snapshot()],
         }
 
