@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import shutil
 import signal
 import socket
@@ -163,32 +162,37 @@ def _start_time(pid: int) -> str | None:
     return stat.rpartition(")")[2].split()[19]
 
 
-_OWNER = f"{os.getpid()}.{_start_time(os.getpid())}"
-# testbed-[kind-]PID.START-random: the owner's PID and start time are in the name.
-_OWNED_DIR = re.compile(r"^testbed-(?:[a-z0-9]+-)*?(\d+)\.(\d+)-[A-Za-z0-9_]+$")
+OWNER_FILE = ".owner"  # in each private directory: "PID START" of the process that made it
+
+
+def _owner() -> str:
+    pid = os.getpid()
+    return f"{pid} {_start_time(pid)}\n"
+
+
 _swept: set[Path] = set()
 
 
 def sweep_runtime_dirs(base: Path) -> list[Path]:
     """Remove the private directories under ``base`` whose owner is gone (a run killed with
-    ``kill -9`` cannot remove its own); never one whose owner still runs. Returns those removed."""
+    ``kill -9`` cannot remove its own); never one whose owner still runs, nor one without an
+    owner file (another tool's, or one being made right now). Returns those removed."""
     removed: list[Path] = []
     try:
         entries = list(os.scandir(base))
     except OSError:
         return removed
     for entry in entries:
-        match = _OWNED_DIR.match(entry.name)
-        if not match or not entry.is_dir(follow_symlinks=False):
+        if not entry.name.startswith("testbed-"):
             continue
-        pid, started = int(match.group(1)), match.group(2)
-        if _start_time(pid) == started:
-            continue  # its owner runs
         try:
-            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
-                continue  # another user's: not ours to remove
-        except OSError:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue  # not a directory, or another user's: not ours to remove
+            pid, started = (Path(entry.path) / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
             continue
+        if not pid.isdigit() or _start_time(int(pid)) == started:
+            continue  # its owner runs
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))
     return removed
@@ -197,20 +201,22 @@ def sweep_runtime_dirs(base: Path) -> list[Path]:
 def private_dir(prefix: str = "testbed-") -> Path:
     """A new 0700 directory for sockets, overlays and firmware copies of one run.
 
-    Its name carries this process's PID and start time; the first one a process makes also
-    removes the leftovers of runs whose process is gone (``sweep_runtime_dirs``).
+    It holds ``.owner``: this process's PID and start time (a PID is reused, the pair is not).
+    The first one a process makes also removes the leftovers of runs whose process is gone
+    (``sweep_runtime_dirs``). The name stays short: unix sockets live in it (108 bytes a path).
     """
     base = runtime_base()
     if base not in _swept:
         _swept.add(base)
         sweep_runtime_dirs(base)
     try:
-        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{_OWNER}-", dir=base))
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+        path.chmod(0o700)
+        (path / OWNER_FILE).write_text(_owner())
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise InfraError(no_space(base, exc)) from None
         raise
-    path.chmod(0o700)
     return path
 
 

@@ -95,24 +95,26 @@ def test_a_killed_runs_directory_is_removed_by_the_next_run_and_a_live_ones_kept
 
 def test_a_reused_pid_does_not_keep_a_leftover(tmp_path: Path) -> None:
     """The owner is the PID *and* its start time: a directory whose PID now belongs to another
-    process (here: this one, started at another time) is a leftover."""
+    process (here: this one, started at another time) is a leftover; one without an owner file
+    is not testbed's to judge."""
     pid = os.getpid()
     started = util._start_time(pid)
-    mine = tmp_path / f"testbed-{pid}.{started}-abcd1234"
-    reused = tmp_path / f"testbed-bench-{pid}.{int(started or 0) + 1}-abcd1234"
-    other = tmp_path / "testbed-not-ours"
-    for d in (mine, reused, other):
+    mine, reused, unowned = (tmp_path / f"testbed-{n}" for n in ("mine", "bench-reused", "unowned"))
+    for d in (mine, reused, unowned):
         d.mkdir()
+    (mine / util.OWNER_FILE).write_text(f"{pid} {started}\n")
+    (reused / util.OWNER_FILE).write_text(f"{pid} {int(started or 0) + 1}\n")
 
     assert util.sweep_runtime_dirs(tmp_path) == [reused]
-    assert mine.is_dir() and other.is_dir()
+    assert mine.is_dir() and unowned.is_dir()
 
 
 def test_private_dirs_name_their_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TESTBED_RUNTIME_DIR", str(tmp_path))
     made = util.private_dir("testbed-board-")
-    assert made.name.startswith(f"testbed-board-{os.getpid()}.{util._start_time(os.getpid())}-")
+    assert (made / util.OWNER_FILE).read_text().split() == [str(os.getpid()), util._start_time(os.getpid())]
     assert made.stat().st_mode & 0o777 == 0o700
+    assert len(made.name) == len("testbed-board-") + 8  # unix sockets live in it: kept short
 
 
 # -- a full disk ------------------------------------------------------------------------
