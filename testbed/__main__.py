@@ -2,7 +2,11 @@
 on the desk, get a shell on a device, or see what an image holds without booting it.
 
 ``certify`` runs the suites with pytest once per mode (development, then production),
-each in its own process and report directory, then prints one verdict line per mode.
+each in its own process and report directory, then prints one verdict line per mode. The
+checks that do not depend on the mode (marked ``mode_independent``: layout, the update suite,
+os-release, the fingerprint and the filesystem checks) run in the first mode only; the later
+modes' reports inherit their verdicts with a link to the evidence (``--inherit``, testbed.plan).
+``--full`` runs everything in every mode.
 Exit code: 0 when every mode passed, 1 when the device failed a check in any mode, 75
 when only lab faults stood in the way, 4 for bad input.
 
@@ -43,15 +47,24 @@ def certify(args: argparse.Namespace, extra: list[str]) -> int:
     codes = []
     lines = []
     extra = _pytest_options(extra)
+    first: Path | None = None  # the first mode's report: the later modes inherit its mode-independent checks
     for mode in args.modes.split(","):
         before = set(report_dir.glob("*/*/report.json"))
         argv = [sys.executable, "-m", "pytest", str(SUITES), "-p", "no:cacheprovider", "--mode", mode]
         argv += ["--device", args.device, "--report-dir", str(report_dir)]
         if args.image:
             argv += ["--image", args.image]
+        if "-q" not in extra and "--quiet" not in extra:
+            argv += ["--progress", "--boot-stages"]  # -q: pytest's own dots only
         if args.dry_run:
             print(shlex.join(argv[1:] + extra))
+            if mode != args.modes.split(",")[0] and not args.full:
+                print(
+                    f"# and --inherit <the first mode's report.json>: {mode} takes the mode-independent checks from it"
+                )
             continue
+        if first is not None and not args.full:
+            argv += ["--inherit", str(first)]
         print(f"==> certify {args.device} in {mode} mode: {' '.join(argv[3:])}", flush=True)
         code = subprocess.call(argv + extra)
         codes.append(code)
@@ -59,10 +72,15 @@ def certify(args: argparse.Namespace, extra: list[str]) -> int:
         if report is not None:
             data = json.loads(report.read_text())
             c = data["counts"]
+            inherited = sum(1 for t in data["tests"] if t.get("inherited"))
             lines.append(
                 f"{mode:12} {data['result'].upper():7} {c['passed']} passed, {c['failed']} failed, "
-                f"{c['error']} infra errors  {report.parent / 'report.html'}"
+                f"{c['error']} infra errors"
+                + (f" ({inherited} inherited)" if inherited else "")
+                + f"  {report.parent / 'report.html'}"
             )
+            if first is None and code != EXIT_USAGE:
+                first = report
         else:
             lines.append(f"{mode:12} no report (exit {code})")
         if code == EXIT_USAGE:
@@ -138,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--modes", default="development,production")
     c.add_argument("--report-dir", default="reports")
     c.add_argument("--dry-run", action="store_true", help="print the pytest command of each mode, run nothing")
+    c.add_argument(
+        "--full",
+        action="store_true",
+        help="run every check in every mode (default: the checks that do not depend on the mode run in the "
+        "first mode only, and the later modes' reports inherit their verdicts)",
+    )
     sm = sub.add_parser(
         "smoke",
         help="run the smoke suite on one device (a board on the desk), boot stages live",

@@ -33,7 +33,7 @@ from testbed.provision import provision
 from testbed.snapshots import SnapshotStore
 from testbed.ssh import METHODS, AuthRefused, SshClient, load_or_create_key
 from testbed.trouble import TroubleLog
-from testbed.util import cache_dir
+from testbed.util import cache_dir, wait_until
 
 # The running root's label: root=LABEL=... on the kernel command line, else the partition name
 # of the device mounted on /.
@@ -42,6 +42,9 @@ _RUNNING_ROOT = (
     ' lsblk -no PARTLABEL "$(findmnt -no SOURCE /)"'
 )
 
+
+# How long a machine whose SSH broke may take to be seen dead (its exit collected), in seconds.
+MACHINE_DEATH_S = 3.0
 
 # A shell saying a command does not exist: bash ("bash: line 1: jq: command not found") and
 # dash ("sh: 1: jq: not found").
@@ -318,12 +321,29 @@ class DUT:
         """Run a shell command over SSH; the result is kept as evidence on the running test."""
         if not self.ssh.connected():
             self.ssh.wait_ready(self.profile.timeouts.restore_to_ssh, abort=self.boot.abort_if_dead)
-        result = self.ssh.run(command, timeout or self.profile.timeouts.command)
+        try:
+            result = self.ssh.run(command, timeout or self.profile.timeouts.command)
+        except InfraError as broken:
+            raise self._death_or(broken) from broken
         self.record(result)
         self._require_tools(result)
         if check and not result.ok:
             raise DutError(describe_failure(result))
         return result
+
+    def _death_or(self, broken: InfraError) -> InfraError:
+        """SSH broke: if the machine died, that is the fault to report (QEMU's exit code), not
+        the connection it took with it. The sockets of a killed process close a moment before
+        its exit can be collected, so the death is waited for briefly."""
+
+        def died() -> InfraError | None:
+            try:
+                self.machine.check_alive()
+            except InfraError as exc:
+                return exc
+            return None
+
+        return wait_until(died, MACHINE_DEATH_S, "the machine's exit after its SSH broke", on_timeout=lambda _: broken)
 
     def _require_tools(self, result: CommandResult) -> None:
         """A check whose command needs a tool the image lacks cannot say anything about its

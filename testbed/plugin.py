@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from testbed import events as ev
-from testbed import inputs, schedule
+from testbed import inputs, plan, schedule
 from testbed import report as rep
 from testbed.boot import BootState
 from testbed.dut import DUT, open_dut
@@ -62,6 +62,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--report-dir", default="reports", help="where runs write reports/<device>/<run-id>/ (default: reports)"
+    )
+    group.addoption(
+        "--inherit",
+        default=None,
+        metavar="REPORT",
+        help="a certification's later mode: take the verdicts of the checks marked mode_independent from "
+        "this report.json of its first mode instead of running them again",
+    )
+    group.addoption(
+        "--progress",
+        action="store_true",
+        help="one line per check as it ends (outcome, time since the run began, duration); quiet with -q",
     )
     group.addoption("--boot-stages", action="store_true", help="print boot stages (power on, firmware, kernel, ...)")
     group.addoption(
@@ -126,6 +138,10 @@ class TestbedSession:
         self.tests: dict[str, TestRecord] = {}
         self.failed = False  # a check failed (the device's fault, not the lab's)
         self.session_device: DUT | None = None  # the ``dut`` fixture's, once snapshotted "ready"
+        inherit = config.getoption("--inherit")
+        self.inherit_from: Path | None = Path(inherit) if inherit else None
+        self.inherited: list[plan.Inherited] = []
+        self.began = time.monotonic()
         self._held = False
 
     # -- inputs (errors here are the user's to fix) ---------------------------------------
@@ -219,6 +235,16 @@ class TestbedSession:
             assert self.profile is not None  # resolved before the image
             for key, value in image_facts(given.path, self.profile).items():
                 self.facts.setdefault(key, value)
+        mode = self.config.getoption("--mode")
+        if mode is None and self.session_device is not None:
+            mode = "development" if self.session_device.development_mode else "production"
+        if mode:
+            self.facts.setdefault("mode", mode)
+        for taken in self.inherited:
+            record = self.record_for(taken.nodeid)
+            record.outcome, record.message, record.kind = taken.outcome, taken.message, taken.kind
+            record.duration_s = taken.duration_s
+            record.inherited = taken.as_dict(os.path.relpath(taken.source, self.run_dir))
         tests = list(self.tests.values())
         boots = sorted((b.as_dict() for d in self.devices for b in d.boots), key=lambda b: str(b["started"]))
         report = build_report(self.run, tests, boots, self.facts)
@@ -247,7 +273,14 @@ class TestbedSession:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        """After -k, -m and --deselect: the order and early starts are of the checks that run."""
+        """After -k, -m and --deselect: the checks another mode's run already gave a verdict for
+        are taken from its report (``--inherit``); the order and early starts are of the rest."""
+        if self.inherit_from is not None:
+            keep, self.inherited = plan.split(items, plan.load_source(self.inherit_from))
+            if self.inherited:
+                taken = {i.nodeid for i in self.inherited}
+                self.config.hook.pytest_deselected(items=[item for item in items if item.nodeid in taken])
+                items[:] = keep
         schedule.order(items)
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
@@ -354,6 +387,21 @@ class TestbedSession:
         return report
 
     @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """``--progress``: the check's outcome as it ends, with the run's elapsed seconds."""
+        if not self.config.getoption("--progress") or self.config.option.verbose < 0:
+            return
+        if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
+            return
+        record = self.tests.get(report.nodeid)
+        outcome = record.outcome if record is not None else report.outcome
+        self.say(
+            f"[{time.monotonic() - self.began:7.1f}s] {outcome.upper():7} {report.nodeid} ({report.duration:.1f}s)"
+        )
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.flush()
+
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config) -> tuple[str, str, str] | None:
         """pytest's own counts say what report.json says: a check that the lab (or the input, or a
         bug in the check) stopped is an error, not a failure, also when it raised during the call."""
@@ -440,6 +488,12 @@ class TestbedSession:
             f"{self.device_name}: {rep.overall_result(tests).upper()}  ({c['passed']} passed, {c['failed']} failed, "
             f"{c['error']} errors, {c['skipped']} skipped)" + (f"; boot to SSH {cold:.1f}s" if cold else "")
         )
+        if self.inherited:
+            first = self.inherited[0]
+            terminalreporter.write_line(
+                f"{len(self.inherited)} mode-independent checks inherited from the {first.mode} run "
+                f"{first.run_id} ({first.source})"
+            )
         terminalreporter.write_line(f"report: {self.run_dir}/report.html  (report.json, junit.xml, console.log)")
 
 
@@ -482,6 +536,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", plan.MARKER_HELP)
     config.addinivalue_line("markers", "fresh: the test needs a device restored to its first-boot snapshot")
     config.addinivalue_line(
         "markers", "reboot_round(prepare=f): the check shares the session's one reboot; f(dut) runs before it"
@@ -533,6 +588,8 @@ def _check_options(config: pytest.Config) -> None:
         what = "a directory" if Path(bundle).expanduser().is_dir() else "no such file"
         raise ConfigError(f"--hup-bundle {bundle}: {what}: give the update bundle (the new root filesystem, ext4)")
     _check_report_dir(Path(config.getoption("--report-dir")), create=False)
+    if config.getoption("--inherit"):
+        plan.load_source(Path(config.getoption("--inherit")))
 
 
 def _check_report_dir(path: Path, create: bool) -> None:

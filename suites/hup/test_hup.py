@@ -9,6 +9,9 @@ import pytest
 from suites.conftest import assert_root_matches_fingerprint
 from suites.hup.conftest import CANARY, STATE, TRIGGERED, Hup, PowerCutTrials
 
+# The same in every mode: a certification runs these once (testbed.plan) and its other modes inherit them.
+pytestmark = pytest.mark.mode_independent
+
 
 def test_update_runs_the_new_root_and_keeps_data(updated: Hup) -> None:
     # The canary file on resin-data was written before the update (see ``updated``).

@@ -16,6 +16,9 @@ from testbed.errors import ConfigError
 from testbed.plugin import ImageUnderTest, OfflineEvidence
 from testbed.profile import Profile
 
+# The same in every mode: a certification runs these once (testbed.plan) and its other modes inherit them.
+pytestmark = pytest.mark.mode_independent
+
 MIB = 1 << 20
 
 

@@ -9,6 +9,9 @@ import pytest
 from testbed.dut import DUT
 from testbed.profile import Profile
 
+# The same in every mode: a certification runs these once (testbed.plan) and its other modes inherit them.
+pytestmark = pytest.mark.mode_independent
+
 
 @pytest.fixture(scope="module")
 def os_release(dut: DUT) -> dict[str, str]:

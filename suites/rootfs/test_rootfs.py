@@ -107,6 +107,7 @@ def _force_fsck(dut: DUT) -> dict[str, str]:
     return last
 
 
+@pytest.mark.mode_independent
 @pytest.mark.reboot_round(prepare=_force_fsck)
 def test_filesystems_checked_at_boot_come_back_clean(reboot_round: RebootRound) -> None:
     """Every ext4 filesystem (both roots, state, data) marked for a check is checked by the
@@ -153,6 +154,7 @@ def test_no_writable_mount_of_the_root_device(dut: DUT) -> None:
     assert not writable, f"the root device {root} is mounted writable at: {', '.join(writable)}"
 
 
+@pytest.mark.mode_independent
 def test_root_files_match_the_fingerprint(dut: DUT) -> None:
     """The root's files are the ones the image was built with."""
     assert_root_matches_fingerprint(dut, "the root")

@@ -670,6 +670,7 @@ def checks_context(report: dict[str, Any], console: list[ConsoleLine] | None) ->
             "message": t["message"], "kind": t["kind"], "kind_label": _problem_title(outcome, t["kind"]),
             "evidence": evidence, "failed_commands": sum(1 for e in evidence if not e["ok"]),
             "excerpt": console_excerpt(i, tests, console) if bad else None, "open": bad, "trouble": trouble,
+            "inherited": _inherited(t.get("inherited")),
         }  # fmt: skip
         suite["checks"].append(check)
     for suite in suites.values():
@@ -679,6 +680,15 @@ def checks_context(report: dict[str, Any], console: list[ConsoleLine] | None) ->
         )
         suite["title"] = suite["name"].replace("_", " ").replace("-", " ").capitalize()
     return list(suites.values())
+
+
+def _inherited(value: Any) -> dict[str, str] | None:
+    """Where an inherited verdict's evidence is: the other mode's report.html, by a relative link."""
+    if not isinstance(value, dict) or not value.get("report"):
+        return None
+    report = str(value["report"])
+    html = report[: -len("report.json")] + "report.html" if report.endswith("report.json") else report
+    return {"mode": str(value.get("mode", "")), "run_id": str(value.get("run_id", "")), "href": html}
 
 
 def _problem_title(outcome: str, kind: str) -> str:

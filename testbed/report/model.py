@@ -42,6 +42,9 @@ class TestRecord:
     collector: Collector = field(default_factory=Collector)
     started: float = 0.0  # time.monotonic() when the check began (its setup)
     recovered: str = ""  # the check ran on a device restored after a lab fault: what was done
+    # The verdict came from another mode's run of the same certification (testbed.plan): its
+    # mode, report.json (relative to this run's directory) and run id; its evidence is there.
+    inherited: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +54,7 @@ class TestRecord:
             "message": self.message,
             "kind": self.kind,
             "recovered": self.recovered,
+            "inherited": self.inherited,
             "evidence": [event.as_dict() for event in self.collector.snapshot()],
         }
 

@@ -1,0 +1,126 @@
+"""A certification plan: a later mode's run takes the verdicts of the mode-independent checks from
+the first mode's report (``--inherit``) instead of running them again, and its own report is
+still complete: every check, the inherited ones marked with a link to their evidence."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+CHECKS = """
+    import os
+    import pytest
+    from testbed.errors import InfraError
+
+    def _ran(name):
+        with open(os.environ["RAN"], "a") as f:
+            f.write(name + "\\n")
+
+    @pytest.mark.mode_independent
+    def test_same_in_every_mode(image_under_test):
+        _ran("same")
+
+    @pytest.mark.mode_independent
+    def test_same_and_failing(image_under_test):
+        _ran("failing")
+        assert False, "the layout is wrong"
+
+    @pytest.mark.mode_independent
+    def test_same_but_the_lab_failed(image_under_test):
+        _ran("lab")
+        if os.environ.get("LAB_BROKEN"):
+            raise InfraError("the lab was down")
+
+    def test_depends_on_the_mode(image_under_test):
+        _ran("mode")
+"""
+
+
+def _image(path: Path) -> Path:
+    data = bytearray(4 << 20)
+    struct.pack_into("<B3sB3sII", data, 446, 0, b"\0\0\0", 0x83, b"\0\0\0", 2048, (len(data) // 512) - 2048)
+    data[510:512] = b"\x55\xaa"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TESTBED_CACHE", str(pytester.path / "cache"))
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+
+
+def _run(pytester: pytest.Pytester, reports: str, *args: str, lab_broken: bool = False) -> tuple[int, list[str]]:
+    ran = pytester.path / f"ran-{reports}.txt"
+    os.environ["RAN"] = str(ran)
+    if lab_broken:
+        os.environ["LAB_BROKEN"] = "1"
+    try:
+        result = pytester.runpytest_subprocess(
+            "--image", str(_image(pytester.path / "disk.img")), "--report-dir", str(pytester.path / reports),
+            "-p", "no:cacheprovider", *args, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.environ.pop("LAB_BROKEN", None)
+    return int(result.ret), (ran.read_text().split() if ran.exists() else [])
+
+
+def _report(pytester: pytest.Pytester, reports: str) -> tuple[Path, dict[str, Any]]:
+    (path,) = [p for p in (pytester.path / reports).glob("*/*/report.json") if p.parent.name != "latest"]
+    return path, json.loads(path.read_text())
+
+
+def test_a_later_mode_inherits_the_mode_independent_verdicts(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_checks=textwrap.dedent(CHECKS))
+    code, ran = _run(pytester, "first", "--mode", "development", lab_broken=True)
+    assert code == 1 and sorted(ran) == ["failing", "lab", "mode", "same"]
+    first_path, first = _report(pytester, "first")
+    assert first["facts"]["mode"] == "development"
+
+    code, ran = _run(pytester, "later", "--mode", "production", "--inherit", str(first_path))
+    # Only the mode-dependent check runs again, and the one whose first run was a lab fault.
+    assert sorted(ran) == ["lab", "mode"]
+    assert code == 1, "an inherited failure is this mode's failure too"
+    later_path, later = _report(pytester, "later")
+    tests = {t["nodeid"].rsplit("::", 1)[1]: t for t in later["tests"]}
+    assert sorted(tests) == ["test_depends_on_the_mode", "test_same_and_failing", "test_same_but_the_lab_failed",
+                             "test_same_in_every_mode"]  # fmt: skip
+    assert later["counts"] == {"passed": 3, "failed": 1, "error": 0, "skipped": 0}
+    assert tests["test_same_and_failing"]["outcome"] == "failed"
+    assert "the layout is wrong" in tests["test_same_and_failing"]["message"]
+    for name in ("test_same_in_every_mode", "test_same_and_failing"):
+        inherited = tests[name]["inherited"]
+        assert inherited["mode"] == "development" and inherited["run_id"] == first["run_id"]
+        assert (later_path.parent / inherited["report"]).resolve() == first_path.resolve()
+        assert tests[name]["evidence"] == []  # it is in the first run's report
+    assert not tests["test_same_but_the_lab_failed"]["inherited"]
+    assert not tests["test_depends_on_the_mode"]["inherited"]
+
+    html = (later_path.parent / "report.html").read_text()
+    link = os.path.relpath(first_path.parent / "report.html", later_path.parent)
+    assert f'href="{link}"' in html and "Inherited" in html
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"tests": 3}'])
+def test_an_unusable_inherit_report_is_one_line_and_exit_4(pytester: pytest.Pytester, content: str | None) -> None:
+    pytester.makepyfile(test_checks=textwrap.dedent(CHECKS))
+    source = pytester.path / "first.json"
+    if content is not None:
+        source.write_text(content)
+    result = pytester.runpytest_subprocess(
+        "--image", str(_image(pytester.path / "disk.img")), "--report-dir", str(pytester.path / "r"),
+        "--inherit", str(source), timeout=60,
+    )  # fmt: skip
+    assert result.ret == 4
+    lines = [line for line in result.errlines + result.outlines if "--inherit" in line]
+    assert len(lines) == 1 and "first mode" in lines[0], lines
+    assert "Traceback" not in "\n".join(result.errlines + result.outlines)
