@@ -54,6 +54,8 @@ def certify(args: argparse.Namespace, extra: list[str]) -> int:
         argv += ["--device", args.device, "--report-dir", str(report_dir)]
         if args.image:
             argv += ["--image", args.image]
+        if not args.cold:
+            argv += ["--warm"]
         if "-q" not in extra and "--quiet" not in extra:
             argv += ["--progress", "--boot-stages"]  # -q: pytest's own dots only
         if args.dry_run:
@@ -156,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--modes", default="development,production")
     c.add_argument("--report-dir", default="reports")
     c.add_argument("--dry-run", action="store_true", help="print the pytest command of each mode, run nothing")
+    c.add_argument(
+        "--cold",
+        action="store_true",
+        help="boot every device cold (default: the session's device is restored from a warm device of an "
+        "earlier run of the same image, profile, mode and testbed, and one is kept after a cold boot)",
+    )
     c.add_argument(
         "--full",
         action="store_true",

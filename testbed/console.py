@@ -279,6 +279,14 @@ class ConsoleLog:
         self._start = time.monotonic() if text.startswith("power on") else self._start
         self._write_line(f"==== testbed: {text} ====")
 
+    def insert_earlier(self, what: str, lines: str) -> None:
+        """The log of an earlier boot (as another run wrote it, each line with its own stamps),
+        between two marks: the first boot of a device restored from a warm device."""
+        self.mark(f"{what}: begin")
+        if self._fh is not None:
+            self._fh.write(lines if lines.endswith("\n") or not lines else lines + "\n")
+        self.mark(f"{what}: end")
+
     def feed(self, data: bytes) -> list[str]:
         self._partial.extend(data)
         lines = []

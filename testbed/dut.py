@@ -15,6 +15,7 @@ Tests talk to a DUT, never to QEMU or a serial port. What the DUT is made of:
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 from contextlib import AbstractContextManager
@@ -34,6 +35,7 @@ from testbed.snapshots import SnapshotStore
 from testbed.ssh import METHODS, AuthRefused, SshClient, load_or_create_key
 from testbed.trouble import TroubleLog
 from testbed.util import cache_dir, wait_until
+from testbed.warm import WarmDevice, WarmStore, warm_key
 
 # The running root's label: root=LABEL=... on the kernel command line, else the partition name
 # of the device mounted on /.
@@ -309,6 +311,57 @@ class DUT:
         if name not in self._board_points:
             raise ValueError(f"no snapshot named {name!r} was taken on {self.name}")
         return self.reflash()
+
+    # -- warm devices (testbed.warm): the first boot's snapshot kept between runs ----------
+    def _warm_key(self, image_sha256: str, accel: str) -> str:
+        """Everything this device's first boot depends on besides testbed itself (see warm_key)."""
+        config = {
+            "overrides": self.config_overrides, "key": self.key.get_base64(),
+            "boot_files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(self.boot_files.items())},
+            "media": sorted(self.media),
+        }  # fmt: skip
+        profile = self.profile.model_dump(mode="json", exclude={"source"})
+        return warm_key(image_sha256=image_sha256, profile=profile, config=config, accel=accel)
+
+    def start_warm(self, store: WarmStore, image_sha256: str) -> WarmDevice | None:
+        """Before the first power on: restore this device from a warm device of an earlier run
+        (its ``ready`` snapshot) and wait for SSH; None where there is none (then boot it)."""
+        copier = self.snapshots.disk_copy if self.snapshots is not None else None
+        if copier is None or self.lab_nics or self.state != BootState.OFF:
+            return None  # a NIC on the lab network has one owner: never from a snapshot
+        taken: list[WarmDevice] = []
+        first_log = self.console_log.path.with_name(f".{self.console_log.path.name}.first-boot")
+
+        def load(destinations: dict[str, Path], accel: str) -> bool:
+            entry = store.take(self._warm_key(image_sha256, accel), {**destinations, "console.log": first_log})
+            taken.extend([entry] if entry is not None else [])
+            return entry is not None
+
+        if not copier.import_disks(load):
+            return None
+        entry = taken[0]
+        # The first boot's console, as the run that kept the warm device saw it: the evidence
+        # of the boot this run did not make (the kernel banner, the services starting).
+        self.console_log.insert_earlier(f"first boot, from the warm device of {entry.created}", first_log.read_text())
+        first_log.unlink()
+        assert self.snapshots is not None
+        self.adopt_config(entry.meta["config"])
+        self.snapshots.console_logged_in = {str(k): bool(v) for k, v in entry.meta["console_logged_in"].items()}
+        self.restore("ready")
+        return entry
+
+    def keep_warm(self, store: WarmStore, image_sha256: str, first_boot: dict[str, Any]) -> WarmDevice | None:
+        """Keep this device's ``ready`` snapshot (taken right after its first boot) for later runs."""
+        copier = self.snapshots.disk_copy if self.snapshots is not None else None
+        if copier is None or self.snapshots is None or "ready" not in self.snapshots.names or self.lab_nics:
+            return None
+        key = self._warm_key(image_sha256, self.machine.accel)
+        meta = {"device": self.name, "config": self.config, "first_boot": first_boot,
+                "console_logged_in": dict(self.snapshots.console_logged_in)}  # fmt: skip
+        with self.step("keep a warm device for later runs"):
+            return copier.export_disks(
+                lambda files: store.save(key, {**files, "console.log": self.console_log.path}, meta)
+            )
 
     def copy_to(self, other: DUT) -> None:
         """Make ``other`` a twin of this device (see ``SnapshotStore.make_twin``)."""

@@ -27,7 +27,7 @@ import pytest
 from testbed import events as ev
 from testbed import inputs, plan, schedule
 from testbed import report as rep
-from testbed.boot import BootState
+from testbed.boot import BootRecord, BootState
 from testbed.dut import DUT, open_dut
 from testbed.errors import ConfigError, DutError, InfraError
 from testbed.lab.network import LabNetwork
@@ -35,6 +35,8 @@ from testbed.machines import provides
 from testbed.profile import Profile
 from testbed.report.model import RunInfo, TestRecord, build_report, image_facts
 from testbed.util import check_free_space, no_space, runtime_base, sweep_runtime_dirs
+from testbed.warm import WarmDevice, WarmStore
+from testbed.warm import age as warm_age
 
 DEFAULT_DEVICE = inputs.DEFAULT_DEVICE
 MODES = ("development", "production")
@@ -69,6 +71,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="REPORT",
         help="a certification's later mode: take the verdicts of the checks marked mode_independent from "
         "this report.json of its first mode instead of running them again",
+    )
+    group.addoption(
+        "--warm",
+        action="store_true",
+        help="restore the session's device from a warm device of an earlier run of the same image, profile, "
+        "config and testbed (~/.cache/testbed/warm), and keep one after a cold boot (TESTBED_COLD=1: never)",
     )
     group.addoption(
         "--progress",
@@ -142,6 +150,7 @@ class TestbedSession:
         self.inherit_from: Path | None = Path(inherit) if inherit else None
         self.inherited: list[plan.Inherited] = []
         self.began = time.monotonic()
+        self.warm_from: WarmDevice | None = None  # the warm device the session's device came from
         self._held = False
 
     # -- inputs (errors here are the user's to fix) ---------------------------------------
@@ -215,6 +224,36 @@ class TestbedSession:
         self.devices.append(device)
         return device
 
+    # -- warm devices -----------------------------------------------------------------------
+    def warm_store(self) -> WarmStore | None:
+        if not self.config.getoption("--warm") or os.environ.get("TESTBED_COLD") == "1":
+            return None
+        return WarmStore()
+
+    def image_sha256(self) -> str:
+        from testbed import image as img
+
+        self.resolve_image()
+        assert self.image_input is not None
+        return img.sha256_file(self.image_input.path)
+
+    def start_warm(self, device: DUT) -> bool:
+        """The session's device restored from a warm device (``--warm``), if there is one."""
+        store = self.warm_store()
+        if store is None:
+            return False
+        entry = device.start_warm(store, self.image_sha256())
+        if entry is None:
+            return False
+        self.warm_from = entry
+        self.say(f"{device.name}: restored from a warm device of {warm_age(entry)} (--warm; TESTBED_COLD=1 boots cold)")
+        return True
+
+    def keep_warm(self, device: DUT, boot: BootRecord) -> None:
+        store = self.warm_store()
+        if store is not None:
+            device.keep_warm(store, self.image_sha256(), boot.as_dict())
+
     def note_facts(self, device: DUT, replace: bool = False) -> None:
         """The report's device facts: the session's device, else the first device that booted."""
         if replace or not self.facts:
@@ -246,7 +285,14 @@ class TestbedSession:
             record.duration_s = taken.duration_s
             record.inherited = taken.as_dict(os.path.relpath(taken.source, self.run_dir))
         tests = list(self.tests.values())
-        boots = sorted((b.as_dict() for d in self.devices for b in d.boots), key=lambda b: str(b["started"]))
+        boots = [b.as_dict() for d in self.devices for b in d.boots]
+        if self.warm_from is not None:
+            # The first boot of the warm device this run's device was restored from: its timeline.
+            first = dict(self.warm_from.meta.get("first_boot") or {})
+            first["from_warm_device"] = self.warm_from.created
+            boots.append(first)
+            self.facts["warm_device"] = {"created": self.warm_from.created, "key": self.warm_from.path.name}
+        boots.sort(key=lambda b: str(b.get("started", "")))
         report = build_report(self.run, tests, boots, self.facts)
         rep.write_json(self.run_dir / "report.json", report)
         rep.write_junit(self.run_dir / "junit.xml", report)
@@ -667,7 +713,8 @@ def dut_booting(testbed_state: TestbedSession, device_profile: Profile) -> Itera
     """
     device = testbed_state.new_device()
     try:
-        device.power_on(wait=False)
+        if not testbed_state.start_warm(device):
+            device.power_on(wait=False)
         if device.machine.accel_note:
             testbed_state.say(f"{device.machine.accel_note}; using {device.machine.accel}")
         yield device
@@ -687,10 +734,15 @@ def dut(testbed_state: TestbedSession, dut_booting: DUT) -> DUT:
     Tests that change the device should use ``fresh_dut`` (a snapshot restore).
     """
     device = dut_booting
+    if testbed_state.warm_from is not None:  # restored, its "ready" snapshot taken by the run that kept it
+        testbed_state.note_facts(device, replace=True)
+        testbed_state.session_device = device
+        return device
     boot = device.finish_power_on()
     testbed_state.say(f"{device.name} ready over SSH {boot.ssh_ready_s:.1f}s after power on ({device.machine.accel})")
     testbed_state.note_facts(device, replace=True)
     device.save_snapshot("ready")
+    testbed_state.keep_warm(device, boot)
     if device.snapshots is not None:
         testbed_state.session_device = device  # restored after a lab fault (pytest_runtest_setup)
     return device

@@ -93,7 +93,7 @@ class WarmDevice:
 
 class WarmStore:
     def __init__(self, root: Path | None = None, limit_bytes: int | None = None) -> None:
-        self.root = root or cache_dir() / "warm"
+        self.root = root or Path(os.environ.get("TESTBED_WARM_DIR") or cache_dir() / "warm")
         if limit_bytes is None:
             limit_bytes = int(float(os.environ.get("TESTBED_WARM_LIMIT_GIB", DEFAULT_LIMIT_GIB)) * (1 << 30))
         self.limit_bytes = limit_bytes

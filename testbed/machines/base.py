@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from testbed.console import Console
+
+T = TypeVar("T")
 
 # Told to the DUT's boot model: ("reset", reason) when a machine restarted after a guest
 # reset, ("flash", target) and ("flashed", summary) around writing a board's storage.
@@ -36,6 +38,17 @@ class DiskCopy(Protocol):
     """Give a new machine of the same profile and image a copy of this one's disks and snapshots."""
 
     def copy_disks_to(self, other: Machine) -> None: ...
+
+    def export_disks(self, save: Callable[[dict[str, Path]], T]) -> T:
+        """``save(files)`` with this machine's disk files by name (snapshots included), nothing
+        changing under them while it runs; returns what ``save`` returned."""
+        ...
+
+    def import_disks(self, load: Callable[[dict[str, Path], str], bool]) -> bool:
+        """Before the first power on: ``load(destinations, accel)`` copies disk files saved by
+        ``export_disks`` (of a machine of the same profile and image, under the accelerator
+        ``accel``) to the destinations and returns True, or returns False to prepare as usual."""
+        ...
 
 
 class LinkControl(Protocol):

@@ -8,12 +8,14 @@ before QEMU starts and handed over as file descriptors, so there is nothing to p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from testbed.console import Console, ConsoleLog
 from testbed.errors import ConfigError, InfraError
@@ -22,6 +24,8 @@ from testbed.machines.qemu_process import QemuProcess
 from testbed.machines.qmp import Qmp
 from testbed.profile import Profile, QemuSettings
 from testbed.util import OwnedProcess, free_port, listening_unix_socket, private_dir, qemu_img, require_tool
+
+T = TypeVar("T")
 
 _accel_cache: dict[tuple[str, str], tuple[str, str]] = {}
 
@@ -417,19 +421,46 @@ class QemuMachine:
             raise ValueError(f"{other.overlay} exists already: only a new machine can take a copy of the disks")
         if not self.prepared:
             raise ValueError("this machine has no disks to copy yet (it was never powered on)")
+        with self._paused():
+            shutil.copyfile(self.overlay, other.overlay)
+            shutil.copyfile(self.vars, other.vars)
+        other.accel, other.accel_note = self.accel, self.accel_note
+        other.prepared = True
+
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
+        """Nothing changes under the disk files: a running QEMU is stopped (which drains its
+        disks and writes its cached qcow2 metadata) and continued afterwards."""
         with self.process.lock:
             qmp = self.process.qmp if self.process.is_on() else None
             was_running = bool(qmp.cmd("query-status").get("running")) if qmp is not None else False
             if qmp is not None and was_running:
                 qmp.cmd("stop")
             try:
-                shutil.copyfile(self.overlay, other.overlay)
-                shutil.copyfile(self.vars, other.vars)
+                yield
             finally:
                 if qmp is not None and was_running:
                     qmp.cmd("cont")
-        other.accel, other.accel_note = self.accel, self.accel_note
-        other.prepared = True
+
+    def export_disks(self, save: Callable[[dict[str, Path]], T]) -> T:
+        if not self.prepared:
+            raise ValueError("this machine has no disks yet (it was never powered on)")
+        with self._paused():
+            return save({"disk.qcow2": self.overlay, "vars.qcow2": self.vars})
+
+    def import_disks(self, load: Callable[[dict[str, Path], str], bool]) -> bool:
+        if self.prepared:
+            raise ValueError(f"{self.overlay} exists already: disks are imported before the first power on")
+        check_host(self.settings, self.profile.source)
+        accel, note = probe_accel(self.profile)
+        if not load({"disk.qcow2": self.overlay, "vars.qcow2": self.vars}, accel):
+            return False
+        # The saved overlay names the image where it was then; the content is the same (the
+        # caller's key holds its sha256), its path may not be.
+        qemu_img("rebase", "-q", "-u", "-f", "qcow2", "-F", self.image_format, "-b", str(self.image), str(self.overlay))
+        self.accel, self.accel_note = accel, note
+        self.prepared = True
+        return True
 
     def set_link(self, up: bool) -> None:
         self._monitor("set_link").cmd("set_link", name="net0", up=up)
