@@ -1,6 +1,6 @@
 """Speed figures for testbed, each next to the raw tool it wraps, measured in one run.
 
-    python benchmarks/bench.py [--image PATH] [--device NAME] [--rounds N] [--suites]
+    python benchmarks/bench.py [--image PATH] [--device NAME] [--rounds N] [--suites | --certify]
 
 Prints: cold boot to SSH ready (testbed vs QEMU started by hand + first successful ssh),
 snapshot restore to ready, and per-command round trips over SSH (vs raw paramiko) and over
@@ -11,11 +11,17 @@ times, are what to compare.
 With ``--suites`` it also times whole suite runs, in the same run: the OS suites in both modes
 (issue target 5 min) and the hup suite with 5 power-cut trials (target 6 min), each also as a
 number of cold boots of this run (the suite's cost in the unit that dominates it).
+
+With ``--certify`` it prints only the certification figures: ``python -m testbed certify`` from an
+empty warm store, the same command again (warm devices), and ``suites/smoke`` warm, each with the
+boots and snapshot restores it cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import socket
 import statistics
@@ -177,7 +183,15 @@ def main() -> None:
     ap.add_argument("--device", default="qemu-x86_64")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--suites", action="store_true", help="also time the OS suites (both modes) and the hup suite")
+    ap.add_argument(
+        "--certify",
+        action="store_true",
+        help="only the certification figures: certify cold, certify again (warm devices), one suite warm",
+    )
     args = ap.parse_args()
+    if args.certify:
+        certify_figures(args.device, args.image)
+        return
     profile = load_profile(args.device)
     image = (args.image or reference.build()).resolve()
     accel, note = probe_accel(profile)
@@ -207,6 +221,54 @@ def main() -> None:
     for name, ours, theirs, ratio, target in rows:
         r = f"{ratio:.2f}" if ratio is not None else "-"
         print(f"{name:28} {ours:>10}   {theirs:38} {r:>6}  {target}")
+
+
+def _boots(report_dir: Path) -> tuple[int, int]:
+    """Cold boots (power-ons, reboots, restarts) and snapshot restores the runs under ``report_dir`` made."""
+    cold = restores = 0
+    for path in report_dir.glob("*/*/report.json"):
+        if path.parent.name == "latest":
+            continue
+        for boot in json.loads(path.read_text())["timings"]["boots"]:
+            if boot.get("from_warm_device"):
+                continue  # an earlier run's boot
+            restores += boot.get("kind") == "restore"
+            cold += boot.get("kind") != "restore"
+    return cold, restores
+
+
+def certify_figures(device: str, image: Path | None) -> None:
+    """``python -m testbed certify`` from an empty warm store, the same again, then one suite warm."""
+    tmp = Path(tempfile.mkdtemp(prefix="testbed-bench-certify-"))
+    env = {**os.environ, "TESTBED_WARM_DIR": str(tmp / "warm")}
+    extra = ["--image", str(image)] if image else []
+    rows = []
+    try:
+        for name, argv, target in (
+            ("certify, cold", ["-m", "testbed", "certify", "--device", device, *extra], "<= 12 min"),
+            ("certify again, warm", ["-m", "testbed", "certify", "--device", device, *extra], "<= 6 min"),
+            (
+                "suites/smoke, warm",
+                ["-m", "pytest", "-q", "suites/smoke", "--warm", "--device", device, *extra],
+                "<= 30 s",
+            ),
+        ):
+            reports = tmp / name.replace(" ", "-").replace(",", "")
+            t0 = time.monotonic()
+            done = subprocess.run([sys.executable, *argv, "--report-dir", str(reports)], capture_output=True,
+                                  text=True, env=env, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+            seconds = time.monotonic() - t0
+            if done.returncode != 0:
+                raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
+            cold, restores = _boots(reports)
+            shown = f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
+            rows.append((name, shown, f"{cold} boots, {restores} restores", target))
+            print(f"{name}: {seconds:.0f} s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{'figure':24} {'wall':>9}   {'cost':26} target")
+    for name, wall, cost, target in rows:
+        print(f"{name:24} {wall:>9}   {cost:26} {target}")
 
 
 def _timed_pytest(args: list[str], device: str, image: Path | None, tmp: Path) -> float:
