@@ -249,7 +249,7 @@ def certify_figures(device: str, image: Path | None) -> None:
             ("certify again, warm", ["-m", "testbed", "certify", "--device", device, *extra], "<= 6 min"),
             (
                 "suites/smoke, warm",
-                ["-m", "pytest", "-q", "suites/smoke", "--warm", "--device", device, *extra],
+                ["-m", "pytest", "-q", "suites/smoke", "--warm", "--mode", "development", "--device", device, *extra],
                 "<= 30 s",
             ),
         ):
