@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_plugin import _isolated, write_image  # noqa: F401 - _isolated is an autouse fixture
 
 pytest_plugins = ["pytester"]
 
@@ -44,19 +44,9 @@ CHECKS = """
 """
 
 
-def _image(path: Path) -> Path:
-    data = bytearray(4 << 20)
-    struct.pack_into("<B3sB3sII", data, 446, 0, b"\0\0\0", 0x83, b"\0\0\0", 2048, (len(data) // 512) - 2048)
-    data[510:512] = b"\x55\xaa"
-    path.write_bytes(bytes(data))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _isolated(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TESTBED_CACHE", str(pytester.path / "cache"))
-    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    monkeypatch.delenv("CI", raising=False)
+# The plugin tests' tiny raw image and isolation (cache in the test's directory, the plugin
+# loaded through its entry point, no CI=true).
+_image = write_image
 
 
 def _run(pytester: pytest.Pytester, reports: str, *args: str, lab_broken: bool = False) -> tuple[int, list[str]]:
