@@ -17,7 +17,7 @@ def tests(session: nox.Session) -> None:
     """The project's own tests, including real boots of the reference image on QEMU."""
     # The board drivers' optional packages, from wheels only: gpiod's source build needs a
     # compiler, so where PyPI has no gpiod wheel for this Python its one test says so and skips.
-    _install(session, "-e", ".", "zstandard", "hidapi", "usbsdmux")
+    _install(session, "-e", ".[farm]", "zstandard", "hidapi", "usbsdmux")
     session.install("--only-binary=:all:", "gpiod>=2", success_codes=[0, 1])
     session.run("pytest", "tests", *session.posargs)
 
@@ -40,7 +40,7 @@ def smoke(session: nox.Session) -> None:
     A board on the desk: `./run smoke -- --device raspberrypi4-64 --serial /dev/ttyUSB0
     --relay serial-relay:/dev/ttyUSB1:1 --flash-to /dev/sdX` (see `python -m testbed smoke -h`).
     """
-    _install(session, "-e", ".", "zstandard", "hidapi", "usbsdmux")
+    _install(session, "-e", ".[farm]", "zstandard", "hidapi", "usbsdmux")
     args = list(session.posargs)
     if not any(a == "--device" or a.startswith("--device=") for a in args):
         args = ["--device", "virtual-board", *args]

@@ -105,7 +105,7 @@ def smoke(args: argparse.Namespace, extra: list[str]) -> int:
     argv = [sys.executable, "-m", "pytest", str(SUITES / "smoke"), "-p", "no:cacheprovider", "-q", "-s"]
     argv += ["--boot-stages"]
     argv += ["--device", args.device, "--report-dir", str(report_dir)]
-    for option in ("image", "mode", "serial", "relay", "flash_to", "ssh_host", "lock_wait"):
+    for option in ("image", "mode", "serial", "relay", "flash_to", "ssh_host", "lock_wait", "place", "coordinator"):
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option.replace('_', '-')}", str(value)]
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--flash-to", default=None, help="block device to write the image to, usbsdmux:/dev/sgN, or none")
     sm.add_argument("--ssh-host", default=None, help="the board's address HOST[:PORT] (default <hostname>.local)")
     sm.add_argument("--lock-wait", type=float, default=None, help="seconds to wait if another run holds the board")
+    sm.add_argument("--place", default=None, help="a labgrid place: NAME or tags:KEY=VALUE,...")
+    sm.add_argument("--coordinator", default=None, help="the labgrid coordinator HOST:PORT (default LG_COORDINATOR)")
     sm.add_argument("--report-dir", default="reports")
     sm.add_argument("--dry-run", action="store_true", help="print the pytest command, run nothing")
     desk.add_console_parser(sub)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import pexpect
 from pexpect.spawnbase import SpawnBase
@@ -128,10 +128,13 @@ class SerialTransport:
         self.error: str = ""
         self._closing = False
         self._serial_errors: tuple[type[BaseException], ...] = (serial.SerialException, OSError)
+        # pyserial's RFC 2217 client has no write timeout (a serial server's TCP send blocks only
+        # as long as the network does); every local port gets one.
+        options: dict[str, Any] = {"timeout": self.POLL_S, "exclusive": True}
+        if not url.startswith("rfc2217://"):
+            options["write_timeout"] = 5.0
         try:
-            self.port = serial.serial_for_url(
-                url, baudrate=baudrate, timeout=self.POLL_S, write_timeout=5.0, exclusive=True
-            )
+            self.port = serial.serial_for_url(url, baudrate=baudrate, **options)
         except ValueError as exc:
             raise ConfigError(
                 f"serial console {url!r} is not a usable port or URL ({exc}); use a device such as "

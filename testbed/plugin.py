@@ -113,6 +113,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     board.addoption(
         "--lock-wait", type=float, default=None, help="seconds to wait for a board another run holds (default 0)"
     )
+    board.addoption(
+        "--place",
+        default=None,
+        help="a labgrid place instead of local ports: NAME, or tags:KEY=VALUE,... (any such place in service)",
+    )
+    board.addoption("--coordinator", default=None, help="the labgrid coordinator HOST:PORT (default LG_COORDINATOR)")
 
 
 def classify(exc: BaseException | None) -> str:
@@ -164,6 +170,8 @@ class TestbedSession:
                 flash_to=opt("--flash-to"),
                 ssh_host=opt("--ssh-host"),
                 lock_wait=opt("--lock-wait"),
+                place=opt("--place"),
+                coordinator=opt("--coordinator"),
             )
         return self.profile
 

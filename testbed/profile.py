@@ -122,6 +122,12 @@ class BoardSettings(_Strict):
     flash: dict[str, Any] | None = None
     ssh: BoardSshSettings = BoardSshSettings()
     lock_wait: float = Field(0.0, ge=0, description="seconds to wait for a board another run holds; 0: fail at once")
+    place: str | None = Field(
+        None,
+        description="a labgrid place instead of local ports: its name, or tags:KEY=VALUE,... for any place in service",
+    )
+    coordinator: str | None = Field(None, description="the labgrid coordinator HOST:PORT (default: LG_COORDINATOR)")
+    lease_seconds: float = Field(30.0, ge=1, le=600, description="a place's lease without a heartbeat")
     virtual_disk_mib: int = Field(4096, ge=64, description="size of the virtual bench's block device")
 
 
@@ -365,6 +371,8 @@ def apply_board_overrides(
     flash_to: str | None = None,
     ssh_host: str | None = None,
     lock_wait: float | None = None,
+    place: str | None = None,
+    coordinator: str | None = None,
 ) -> Profile:
     """The profile with a board's ports replaced from the command line (the file is not edited).
 
@@ -376,6 +384,8 @@ def apply_board_overrides(
         "--flash-to": flash_to,
         "--ssh-host": ssh_host,
         "--lock-wait": lock_wait,
+        "--place": place,
+        "--coordinator": coordinator,
     }
     used = [name for name, value in given.items() if value is not None]
     if not used:
@@ -407,6 +417,12 @@ def apply_board_overrides(
         if port and not port.isdigit():
             raise ConfigError(f"--ssh-host {ssh_host!r}: write HOST or HOST:PORT")
         update["ssh"] = BoardSshSettings(host=host or ssh_host, port=int(port) if port else board.ssh.port)
+    if place is not None:
+        if not place or place == "tags:":
+            raise ConfigError("--place: give a place name or tags:KEY=VALUE,... (labgrid-client places lists them)")
+        update["place"] = place
+    if coordinator is not None:
+        update["coordinator"] = coordinator
     if lock_wait is not None:
         if lock_wait < 0:
             raise ConfigError(f"--lock-wait must be 0 or more seconds, got {lock_wait}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import signal
@@ -24,9 +25,9 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: the kernel kills it when its parent dies."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Runs in the child between fork and exec: the kernel sends ``sig`` when its parent dies."""
+    _libc.prctl(_PR_SET_PDEATHSIG, sig)
     # The parent may already be gone between fork and prctl.
     if os.getppid() == 1:
         os._exit(1)
@@ -48,7 +49,12 @@ class OwnedProcess:
         stdout: int | None = subprocess.DEVNULL,
         stderr_path: Path | None = None,
         cwd: Path | None = None,
+        stdin: int | None = subprocess.DEVNULL,
+        env: dict[str, str] | None = None,
+        death_signal: int = signal.SIGKILL,
     ) -> None:
+        """``death_signal``: what the child gets when its owner dies (SIGKILL; a helper that must
+        let go of something first, such as a lease keeper releasing a place, asks for SIGTERM)."""
         self.argv = list(argv)
         self.stderr_path = stderr_path
         binary = shutil.which(self.argv[0])
@@ -58,12 +64,13 @@ class OwnedProcess:
         try:
             self.proc = subprocess.Popen(
                 [binary, *self.argv[1:]],
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=stdout,
                 stderr=err,
                 pass_fds=tuple(pass_fds),
-                preexec_fn=_die_with_parent,
+                preexec_fn=functools.partial(_die_with_parent, death_signal),
                 cwd=cwd,
+                env=env,
             )
         finally:
             if stderr_path:

@@ -29,6 +29,14 @@ def _board(profile: Profile, image: Path, console_log: ConsoleLog, image_format:
     return BoardMachine(profile, image, console_log, image_format)
 
 
+def _remote_board(
+    profile: Profile, image: Path, console_log: ConsoleLog, image_format: str, lab_nics: list[Any]
+) -> Machine:
+    from testbed.machines.remote import RemoteBoardMachine
+
+    return RemoteBoardMachine(profile, image, console_log, image_format)
+
+
 def _virtual_board(
     profile: Profile, image: Path, console_log: ConsoleLog, image_format: str, lab_nics: list[Any]
 ) -> Machine:
@@ -44,10 +52,13 @@ _KINDS: dict[tuple[str, str], tuple[Factory, frozenset[str]]] = {
     ("qemu", ""): (_qemu, frozenset({"snapshots", "disk_copy", "link", "media", "lab_nics", "several"})),
     ("board", ""): (_board, frozenset({"reflash"})),
     ("board", "virtual"): (_virtual_board, frozenset({"reflash", "several"})),
+    ("board", "labgrid"): (_remote_board, frozenset({"reflash"})),
 }
 
 
 def _kind(profile: Profile) -> tuple[str, str]:
+    if profile.kind == "board" and profile.board is not None and profile.board.place:
+        return "board", "labgrid"
     bench = profile.board.bench if profile.kind == "board" and profile.board is not None else "none"
     return profile.kind, "" if bench == "none" else bench
 
@@ -63,6 +74,11 @@ def check_host(profile: Profile) -> None:
     relay driver's package), checked before any machine exists: ConfigError naming the profile
     key or the option and the fix. The run calls it once, before anything boots."""
     kind = _kind(profile)
+    if kind == ("board", "labgrid"):
+        from testbed.machines.remote import check_host as remote_check
+
+        remote_check(profile)
+        return
     if kind == ("board", ""):
         from testbed.machines.board import check_host as board_check
 

@@ -293,7 +293,9 @@ class VirtualBench:
     loop device, ssh = a loopback port forward.
     """
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, *, relay: bool = True) -> None:
+        """``relay=False``: no relay emulator; whoever owns the bench switches it with ``switch()``
+        (a farm place's network PDU)."""
         assert profile.qemu is not None and profile.board is not None
         self.profile = profile
         self.qemu = profile.qemu
@@ -315,7 +317,8 @@ class VirtualBench:
             self.ports = {"ssh": free_port(), "engine": free_port()}
             self.disk = LoopDisk(profile.board.virtual_disk_mib << 20, self.workdir)
             self.adapter = PtyAdapter(self.workdir / "serial-adapter")
-            self.relay = RelayEmulator(channels=1, on_change=self._relay_changed, answer_status=True)
+            if relay:
+                self.relay = RelayEmulator(channels=1, on_change=self._relay_changed, answer_status=True)
         except BaseException:
             self.close()
             raise
@@ -349,6 +352,11 @@ class VirtualBench:
             self._start_qemu()
         else:
             self._kill_qemu()
+
+    def switch(self, on: bool) -> None:
+        """Power the board on (start QEMU) or off (kill it). QEMU dies with the thread that
+        started it (PR_SET_PDEATHSIG): call from a thread that lives as long as the bench."""
+        self._relay_changed(RELAY_CHANNEL, on)
 
     def argv(self, serial_fd: int) -> list[str]:
         assert self.disk is not None

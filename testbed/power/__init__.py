@@ -16,6 +16,7 @@ from testbed.power.base import Switch
 from testbed.power.command import CommandPower
 from testbed.power.gpio import GpioPower
 from testbed.power.hid_relay import HidRelay
+from testbed.power.labgrid_power import LabgridNetworkPower
 from testbed.power.manual import ManualPower
 from testbed.power.serial_relay import SerialRelay
 from testbed.power.spec import build
@@ -44,6 +45,7 @@ DRIVERS: dict[str, type[Power]] = {
     "gpio": GpioPower,
     "command": CommandPower,
     "manual": ManualPower,
+    "labgrid-network": LabgridNetworkPower,
 }
 
 
