@@ -1,5 +1,6 @@
-"""``python -m testbed certify|smoke|console|inspect``: certify an image on a device, smoke-test a board
-on the desk, get a shell on a device, or see what an image holds without booting it.
+"""``python -m testbed certify|smoke|console|inspect|farm``: certify an image on a device, smoke-test a board
+on the desk, get a shell on a device, see what an image holds without booting it, or drive a labgrid
+farm (``testbed.farm.cli``).
 
 ``certify`` runs the suites with pytest once per mode (development, then production),
 each in its own process and report directory, then prints one verdict line per mode. The
@@ -27,6 +28,8 @@ import sys
 from pathlib import Path
 
 from testbed import desk, inspect
+from testbed.errors import ConfigError, InfraError
+from testbed.farm import cli as farm_cli
 from testbed.report import EXIT_FAILED, EXIT_INFRA, EXIT_PASSED, EXIT_USAGE
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--report-dir", default="reports")
     sm.add_argument("--dry-run", action="store_true", help="print the pytest command, run nothing")
     desk.add_console_parser(sub)
+    farm_cli.add_parser(sub)
     ins = sub.add_parser(
         "inspect",
         help="show what an OS image holds, offline (no boot); exit 1 if it has problems",
@@ -205,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         return desk.console_main(args)
     if args.command == "smoke":
         return smoke(args, extra)
+    if args.command == "farm":
+        if extra:
+            parser.error(f"farm: unrecognized arguments: {' '.join(extra)}")
+        try:
+            return farm_cli.main(args)
+        except ConfigError as exc:
+            print(f"testbed: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except InfraError as exc:
+            print(f"testbed: lab fault: {exc}", file=sys.stderr)
+            return EXIT_INFRA
     return certify(args, extra)
 
 

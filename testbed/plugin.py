@@ -119,6 +119,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="a labgrid place instead of local ports: NAME, or tags:KEY=VALUE,... (any such place in service)",
     )
     board.addoption("--coordinator", default=None, help="the labgrid coordinator HOST:PORT (default LG_COORDINATOR)")
+    board.addoption(
+        "--avoid-place", default=None, help="NAME,...: with --place tags:..., places to take only if no other matches"
+    )
 
 
 def classify(exc: BaseException | None) -> str:
@@ -172,6 +175,7 @@ class TestbedSession:
                 lock_wait=opt("--lock-wait"),
                 place=opt("--place"),
                 coordinator=opt("--coordinator"),
+                avoid_place=opt("--avoid-place"),
             )
         return self.profile
 

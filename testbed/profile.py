@@ -128,6 +128,7 @@ class BoardSettings(_Strict):
     )
     coordinator: str | None = Field(None, description="the labgrid coordinator HOST:PORT (default: LG_COORDINATOR)")
     lease_seconds: float = Field(30.0, ge=1, le=600, description="a place's lease without a heartbeat")
+    avoid_places: list[str] = Field([], description="places a request by tags takes only if no other matches")
     virtual_disk_mib: int = Field(4096, ge=64, description="size of the virtual bench's block device")
 
 
@@ -230,7 +231,7 @@ class Profile(_Strict):
             if self.board.bench == "virtual":
                 if self.qemu is None:
                     raise ValueError("board.bench 'virtual' runs the board on QEMU: add a 'qemu:' section")
-            else:
+            elif not self.board.place:  # a labgrid place brings its own serial port and power
                 missing = [k for k in ("serial", "power") if getattr(self.board, k) is None]
                 if missing:
                     raise ValueError(
@@ -373,6 +374,7 @@ def apply_board_overrides(
     lock_wait: float | None = None,
     place: str | None = None,
     coordinator: str | None = None,
+    avoid_place: str | None = None,
 ) -> Profile:
     """The profile with a board's ports replaced from the command line (the file is not edited).
 
@@ -386,6 +388,7 @@ def apply_board_overrides(
         "--lock-wait": lock_wait,
         "--place": place,
         "--coordinator": coordinator,
+        "--avoid-place": avoid_place,
     }
     used = [name for name, value in given.items() if value is not None]
     if not used:
@@ -423,6 +426,8 @@ def apply_board_overrides(
         update["place"] = place
     if coordinator is not None:
         update["coordinator"] = coordinator
+    if avoid_place is not None:
+        update["avoid_places"] = [p for p in avoid_place.split(",") if p]
     if lock_wait is not None:
         if lock_wait < 0:
             raise ConfigError(f"--lock-wait must be 0 or more seconds, got {lock_wait}")

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import getpass
+import logging
 import os
 import socket
 import threading
@@ -92,17 +93,25 @@ class Coordinator:
         self._thread = threading.Thread(target=self._run_loop, name=f"labgrid session {self.address}", daemon=True)
         self._thread.start()
         self.session: Any = None
+        # labgrid logs why a connection failed (gRPC's words) instead of raising it: keep it for
+        # the one line this says, rather than a second line on stderr.
+        heard = _Recorder()
+        root = logging.getLogger()
+        root.addHandler(heard)
         try:
             self.session = self.call(self._start(ClientSession), timeout, "connecting")
         except InfraError as exc:
             self.close()
+            why = heard.last or str(exc).split(": ", 1)[-1]
             raise InfraError(
-                f"labgrid coordinator {self.address} is unreachable ({str(exc).split(': ', 1)[-1]}); "
+                f"labgrid coordinator {self.address} is unreachable ({why}); "
                 "is labgrid-coordinator running there? (LG_COORDINATOR, --coordinator or board.coordinator)"
             ) from None
         except BaseException:
             self.close()
             raise
+        finally:
+            root.removeHandler(heard)
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -207,6 +216,23 @@ class Coordinator:
 
         return self.call(read(), CALL_TIMEOUT_S, "listing resources")
 
+    def matched_resources(self, name: str) -> dict[str, str]:
+        """resource path -> class, of what the exporters publish now that place ``name``'s
+        matches take (labgrid's own matching), whether or not the place is acquired."""
+
+        async def read() -> dict[str, str]:
+            await self._refresh()
+            place = self.session.places[name]
+            out: dict[str, str] = {}
+            for exporter, groups in self.session.resources.items():
+                for group, resources in groups.items():
+                    for rname, entry in resources.items():
+                        if place.hasmatch((exporter, group, entry.cls, rname)):
+                            out[f"{exporter}/{group}/{entry.cls}/{rname}"] = entry.cls
+            return out
+
+        return self.call(read(), CALL_TIMEOUT_S, f"reading the resources of place {name}")
+
     # -- changing -----------------------------------------------------------------------
     def acquire(self, name: str) -> None:
         """Lock ``name`` for this session's holder name. The coordinator decides atomically:
@@ -294,6 +320,15 @@ class Coordinator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage().removeprefix("coordinator is unavailable: ")
 
 
 class PlaceHeld(InfraError):

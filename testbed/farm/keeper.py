@@ -85,9 +85,12 @@ def break_expired(coord: Coordinator, place: PlaceInfo, emit: Any = None) -> boo
     return True
 
 
-def candidates(places: dict[str, PlaceInfo], name: str | None, tags: dict[str, str], address: str) -> list[PlaceInfo]:
+def candidates(
+    places: dict[str, PlaceInfo], name: str | None, tags: dict[str, str], address: str, avoid: tuple[str, ...] = ()
+) -> list[PlaceInfo]:
     """The places a request may take, free ones first. ConfigError when none could ever match;
-    InfraError when all that match are out of service."""
+    InfraError when all that match are out of service. ``avoid``: places a retry should not
+    land on again (a lab fault happened there), used only if the farm has no other."""
     if name is not None:
         if name not in places:
             known = ", ".join(sorted(places)) or "none"
@@ -95,7 +98,9 @@ def candidates(places: dict[str, PlaceInfo], name: str | None, tags: dict[str, s
                 f"labgrid place '{name}' does not exist on coordinator {address} (places: {known}); "
                 f"check --place / board.place, or create it with labgrid-client -p {name} create"
             )
-        chosen = [places[name]]
+        # A place named outright is taken even if out of service: a health check, a person
+        # looking at a sick board. Only requests by tags skip bad places.
+        return [places[name]]
     else:
         chosen = [p for p in places.values() if all(p.tags.get(k) == v for k, v in tags.items())]
         if not chosen:
@@ -114,7 +119,8 @@ def candidates(places: dict[str, PlaceInfo], name: str | None, tags: dict[str, s
             f"every matching labgrid place is out of service (testbed_health=bad): {bad}; "
             "fix the board, then python -m testbed farm health --reset PLACE"
         )
-    return sorted(usable, key=lambda p: (p.acquired is not None, p.name))
+    others = [p for p in usable if p.name not in avoid]
+    return sorted(others or usable, key=lambda p: (p.acquired is not None, p.name))
 
 
 class Keeper:
@@ -165,7 +171,8 @@ class Keeper:
         while not self.stop.is_set():
             places = coord.places()
             holders: list[str] = []
-            for place in candidates(places, self.args.place, tags, coord.address):
+            avoid = tuple(filter(None, (self.args.avoid or "").split(",")))
+            for place in candidates(places, self.args.place, tags, coord.address, avoid):
                 if place.acquired and not break_expired(coord, place, self.emit):
                     holders.append(f"{place.name} by {place.acquired}")
                     continue
@@ -261,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=0.0, help="seconds to queue for a held place")
     parser.add_argument("--ttl", type=float, default=DEFAULT_TTL_S, help="seconds a lease lasts without a heartbeat")
     parser.add_argument("--user", default=None, help="the user half of the holder name")
+    parser.add_argument("--avoid", default=None, help="NAME,...: places to take only if no other matches")
     args = parser.parse_args(argv)
     keeper = Keeper(args)
 

@@ -47,6 +47,7 @@ class PlaceLease:
         ttl: float = DEFAULT_TTL_S,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         user: str | None = None,
+        avoid: list[str] | None = None,
     ) -> None:
         if (place is None) == (tags is None):
             raise ConfigError("a labgrid place is named by its name or by tags:KEY=VALUE,..., one of the two")
@@ -66,6 +67,8 @@ class PlaceLease:
             "--user", user or _run_user(base_user),
         ]  # fmt: skip
         argv += ["--place", place] if place is not None else ["--tags", str(tags)]
+        if avoid:
+            argv += ["--avoid", ",".join(avoid)]
         self.proc = OwnedProcess(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, death_signal=signal.SIGTERM)
         self._reader = threading.Thread(target=self._read, name=f"lease keeper {self.wanted}", daemon=True)
         self._reader.start()

@@ -39,13 +39,39 @@ POWER_CLASSES = ("NetworkPowerPort",)
 
 
 def check_host(profile: Profile) -> None:
-    """Before the run: labgrid is installed and a coordinator is named (reaching it is the run's)."""
-    assert profile.board is not None
+    """Before anything boots: labgrid is installed, the coordinator answers (InfraError), the
+    place exists or the tags match one (ConfigError), and a named place's matches take a
+    serial console and a power resource from what its exporters publish now (ConfigError;
+    an exporter that is not connected is the lab's, found when the run acquires the place)."""
+    from testbed.farm.coordinator import Coordinator
+    from testbed.farm.keeper import candidates, parse_tags
+
+    board = profile.board
+    assert board is not None and board.place
     try:
         import labgrid  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"device {profile.name} uses a labgrid place: pip install 'labgrid>=26' ({exc})") from None
-    coordinator_address(profile.board.coordinator)
+    address = coordinator_address(board.coordinator)
+    spec = board.place
+    with Coordinator(address) as coord:
+        places = coord.places()
+        if spec.startswith("tags:"):
+            candidates(places, None, parse_tags(spec[5:]), coord.address)
+            return
+        place = candidates(places, spec, {}, coord.address)[0]
+        matched = coord.matched_resources(place.name)
+    exporters = {m.split("/")[0] for m in place.matches}
+    if not matched or not any(path.split("/")[0] in exporters for path in matched):
+        return  # its exporter is away: a lab fault when the run acquires the place
+    classes = set(matched.values())
+    have = ", ".join(sorted(matched)) or "nothing"
+    for needed, what in ((SERIAL_CLASSES, "serial console"), (POWER_CLASSES, "power switch")):
+        if not classes.intersection(needed):
+            raise ConfigError(
+                f"labgrid place {place.name} has no {what} resource ({'/'.join(needed)}) among its matched "
+                f"resources ({have}); add it to the exporter and labgrid-client -p {place.name} add-match it"
+            )
 
 
 def _local_host(host: str) -> bool:
@@ -154,6 +180,7 @@ class RemoteBoardMachine(BoardMachine):
             wait=board.lock_wait,
             ttl=board.lease_seconds,
             on_event=heard,
+            avoid=list(board.avoid_places),
         )
         try:
             console_log.mark(f"acquired labgrid place {self.lease.name} on {self.coordinator} as {self.lease.holder}")
