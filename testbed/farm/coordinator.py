@@ -26,12 +26,6 @@ from typing import Any, TypeVar
 
 from testbed.errors import ConfigError, InfraError
 
-# gRPC's fork handlers, when a session's threads are busy, leave a forked child with broken
-# epoll descriptors: the child (an exporter, QEMU, a helper started while a session is open)
-# may crash before it execs. testbed forks only to exec, so the handlers are turned off
-# before gRPC is first imported.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-
 T = TypeVar("T")
 
 DEFAULT_PORT = 20408
