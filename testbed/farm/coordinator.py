@@ -114,6 +114,7 @@ class Coordinator:
     async def _start(self, session_class: Any) -> Any:
         args = argparse.Namespace(allow_unmatched=False, kick=False)
         session = session_class(self.address, self.loop, args=args)
+        await self._own_connection(session)
         session.gethostname = lambda: self.host  # type: ignore[method-assign]
         session.getuser = lambda: self.user  # type: ignore[method-assign]
         try:
@@ -123,6 +124,30 @@ class Coordinator:
             await _quietly(session.close())
             raise
         return session
+
+    @staticmethod
+    async def _own_connection(session: Any) -> None:
+        """Give the session a TCP connection of its own. gRPC shares one connection between the
+        channels of a process that have the same target and options, and the coordinator tells
+        its clients apart by that connection's address: a second session of one process (or a
+        new one while the coordinator still tears down the last) would be taken for the first,
+        and the coordinator's stream handler fails. The channel options are labgrid's own."""
+        import grpc
+        from labgrid.remote.generated import labgrid_coordinator_pb2_grpc
+
+        old = session.channel
+        session.channel = grpc.aio.insecure_channel(
+            target=session.address,
+            options=[
+                ("grpc.keepalive_time_ms", 7500),
+                ("grpc.keepalive_timeout_ms", 10000),
+                ("grpc.http2.ping_timeout_ms", 10000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.use_local_subchannel_pool", 1),
+            ],
+        )
+        session.stub = labgrid_coordinator_pb2_grpc.CoordinatorStub(session.channel)
+        await old.close()
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float, what: str) -> T:
         """Run ``coro`` on the session's loop; InfraError naming the coordinator and ``what``
