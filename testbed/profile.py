@@ -201,6 +201,15 @@ class TroubleSpec(_Strict):
     fail: list[TroubleKind] = ["panic", "oops", "bug"]
 
 
+class HealthSpec(_Strict):
+    """Health checks of the farm places this profile drives (``python -m testbed farm health``):
+    a farm night checks a place whose last check is older than ``every_hours`` before it gets
+    work, with ``image`` (default: the reference image) and the smoke suite."""
+
+    every_hours: float = Field(24.0, gt=0)
+    image: str | None = None
+
+
 class Profile(_Strict):
     name: str
     description: str = ""
@@ -218,6 +227,7 @@ class Profile(_Strict):
     logging: LoggingSpec = LoggingSpec()
     services: ServicesSpec = ServicesSpec()
     trouble: TroubleSpec = TroubleSpec()
+    health: HealthSpec = HealthSpec()
 
     source: Path | None = None
 

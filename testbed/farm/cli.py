@@ -17,6 +17,8 @@ good, 1 a place (or job) failed, 75 the lab (the coordinator unreachable), 4 bad
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import signal
 import time
 from datetime import UTC, datetime
@@ -42,9 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     h.add_argument("--device", default=None, help="the profile that drives the places (default: tag testbed_device)")
     h.add_argument("--image", default=None, help="the known-good image (default: the reference image)")
     h.add_argument("--report-dir", default="reports/health")
+    h.add_argument("--dry-run", action="store_true", help="print the smoke command of each named place, run nothing")
     fsub.add_parser("reap", help="release places whose testbed lease expired")
     r = fsub.add_parser("run", help="run a farm file's job matrix, with retries and a summary")
     r.add_argument("farm_file", type=Path)
+    r.add_argument("--dry-run", action="store_true", help="print each job's pytest command, run nothing")
     lab = fsub.add_parser("lab", help="a virtual farm on this machine, until Ctrl-C")
     lab.add_argument("--places", type=int, default=2)
     lab.add_argument("--device", default="virtual-board", help="the virtual boards' profile")
@@ -85,6 +89,13 @@ def health(args: argparse.Namespace, address: str) -> int:
 
     if not args.places and not args.all:
         raise ConfigError("farm health: name places, or --all for every place of the coordinator")
+    if args.dry_run:
+        if args.all or not args.device:
+            raise ConfigError("farm health --dry-run: name the places and --device (it does not ask the coordinator)")
+        for name in args.places:
+            argv = fh.smoke_argv(address or None, name, args.device, args.image, Path(args.report_dir))
+            print(shlex.join(argv[1:]))
+        return EXIT_PASSED
     with Coordinator(address) as coord:
         found = coord.places()
         names = sorted(found) if args.all else args.places
@@ -146,8 +157,11 @@ def main(args: argparse.Namespace) -> int:
     if args.farm_command == "run":
         from testbed.farm.run import main as run_main
 
-        return run_main(args.farm_file, args.coordinator)
-    address = coordinator_address(args.coordinator)
+        return run_main(args.farm_file, args.coordinator, dry_run=args.dry_run)
+    if args.farm_command == "health" and args.dry_run:
+        address = args.coordinator or os.environ.get("LG_COORDINATOR") or ""
+    else:
+        address = coordinator_address(args.coordinator)
     if args.farm_command == "places":
         return places(address)
     if args.farm_command == "health":

@@ -68,6 +68,19 @@ def device_for(place: PlaceInfo, device: str | None) -> str:
     return chosen
 
 
+def smoke_argv(
+    coordinator: str | None, place: str, profile: str, image: str | None, report_dir: Path, lock_wait: float = 600.0
+) -> list[str]:
+    """The smoke run that checks ``place``: it waits for the place if a run holds it."""
+    argv = [sys.executable, "-m", "testbed", "smoke", "--device", profile, "--place", place]
+    if coordinator:
+        argv += ["--coordinator", coordinator]
+    argv += ["--lock-wait", str(lock_wait), "--report-dir", str(report_dir)]
+    if image:
+        argv += ["--image", image]
+    return argv
+
+
 def check_place(
     coordinator: str,
     place: PlaceInfo,
@@ -81,10 +94,7 @@ def check_place(
     """Run the smoke suite on ``place`` and record the verdict in its tags."""
     profile = device_for(place, device)
     before = set(report_dir.glob("*/*/report.json"))
-    argv = [sys.executable, "-m", "testbed", "smoke", "--device", profile, "--place", place.name]
-    argv += ["--coordinator", coordinator, "--lock-wait", str(lock_wait), "--report-dir", str(report_dir)]
-    if image:
-        argv += ["--image", image]
+    argv = smoke_argv(coordinator, place.name, profile, image, report_dir, lock_wait)
     t0 = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     seconds = time.monotonic() - t0

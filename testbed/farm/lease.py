@@ -176,7 +176,7 @@ class PlaceLease:
             "exporters": self.info.exporters,
             "holder": self.holder,
             "lease_ttl_s": self.ttl,
-            "place_tags": {k: v for k, v in self.info.tags.items() if not k.startswith("testbed_lease")},
+            "place_tags": {k: v for k, v in self.info.tags.items() if k not in ("testbed_lease", "testbed_holder")},
         }
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -69,7 +70,7 @@ class JobSpec(_Strict):
 
 
 class HealthSpec(_Strict):
-    every_hours: float = Field(24.0, gt=0)
+    every_hours: float | None = Field(None, gt=0, description="default: each profile's health.every_hours")
     device: str | None = None
 
 
@@ -215,13 +216,17 @@ class FarmRun:
                 chosen = [places[job.place]] if job.place in places else []
             for place in chosen:
                 wanted.setdefault(place.name, self.spec.health.device or job.profile)
+        from testbed.profile import load_profile
+
         for name, device in sorted(wanted.items()):
             place = places[name]
-            if place.tags.get("testbed_health") == "bad" or not stale(place, self.spec.health.every_hours):
+            health = load_profile(device).health
+            every = self.spec.health.every_hours or health.every_hours
+            if place.tags.get("testbed_health") == "bad" or not stale(place, every):
                 continue
             self.say(f"farm: health check of place {name} (last: {place.tags.get('testbed_health_at') or 'never'})")
             result = check_place(
-                self.coordinator, place, device=device, image=None, report_dir=self.report_dir / "health"
+                self.coordinator, place, device=device, image=health.image, report_dir=self.report_dir / "health"
             )
             self.health_checks.append(result.__dict__)
             self.say(f"farm: place {name} is {result.verdict}" + (f": {result.reason}" if result.reason else ""))
@@ -352,12 +357,22 @@ class FarmRun:
         return out
 
 
-def main(path: Path, coordinator: str | None, say: Any = print) -> int:
+def main(path: Path, coordinator: str | None, say: Any = print, *, dry_run: bool = False) -> int:
     spec = load_farm(path)
     address = coordinator or spec.coordinator or os.environ.get("LG_COORDINATOR") or None
-    if address is None and any(isinstance(d, DeviceSpec) and d.place for j in spec.jobs for d in j.devices):
+    if (
+        address is None
+        and not dry_run
+        and any(isinstance(d, DeviceSpec) and d.place for j in spec.jobs for d in j.devices)
+    ):
         raise ConfigError(
             f"{path}: jobs name labgrid places but no coordinator is given: set coordinator: in the farm file, "
             "LG_COORDINATOR, or --coordinator"
         )
-    return FarmRun(spec, path, address, say).run()
+    run = FarmRun(spec, path, address, say)
+    if dry_run:
+        for job in run.jobs:
+            say(f"# {job.label}")
+            say(shlex.join(run.argv(job, run.report_dir / job.slug / "attempt-1")[1:]))
+        return EXIT_PASSED
+    return run.run()
