@@ -26,9 +26,11 @@ WALL_LIMIT_S = 90.0
 def require_labgrid() -> None:
     """Fail with CI=true, skip elsewhere, when labgrid (its coordinator) is not installed."""
     try:
-        importlib.import_module("labgrid.remote.client")  # what testbed's coordinator session uses
+        # testbed.farm first: it turns gRPC's fork handlers off, which only works before gRPC
+        # is imported (with them on, a client forked while the session is busy may crash).
         from testbed.farm.virtual import labgrid_tool
 
+        importlib.import_module("labgrid.remote.client")  # what testbed's coordinator session uses
         labgrid_tool("labgrid-coordinator")
     except (ImportError, ConfigError) as exc:
         message = f"needs labgrid>=26 and labgrid-coordinator (pip install '.[farm]'): {exc}"
