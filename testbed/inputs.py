@@ -80,8 +80,9 @@ def resolve_image(option: str | None, profile: Profile, say: Say) -> ImageInput:
     from testbed import reference
 
     reference.check_arch(profile.arch, profile.source)
-    say("building the reference image (cached after the first build)")
-    path = reference.build(log=say)
+    say(f"building the {profile.arch} reference image (cached after the first build)")
+    table = "mbr" if profile.layout.table == "dos" else "gpt"
+    path = reference.build(reference.BuildOptions(arch=profile.arch, table=table), log=say)
     return ImageInput(path, "raw", path)
 
 
@@ -118,6 +119,9 @@ def check_image(image: ImageInput, profile: Profile) -> None:
                 "device, or pick its profile with --device"
             )
         img.read_config_json(image.path, boot)
+        from testbed.inspect import check_loader_arch
+
+        check_loader_arch(image.path, profile)
     except ConfigError as exc:
         text = str(exc)
         if image.path != image.given:

@@ -920,6 +920,34 @@ def _boot_problems(boot: BootInfo, profile: Profile) -> list[Problem]:
     return problems
 
 
+def check_loader_arch(path: Path, profile: Profile, shown: str | None = None) -> None:
+    """Before anything boots: ConfigError if the image's EFI loader (its name, else its PE
+    header's machine field) is for another architecture than the profile's. An image without
+    an EFI loader in its boot partition (U-Boot boards) is not judged here."""
+    local = Path(path)
+    layout = img.read_layout(local)
+    label = profile.layout.partitions[0].label
+    try:
+        part = layout.by_label(label)
+    except img.MissingPartitionError:
+        return
+    tmp = private_dir("testbed-arch-")
+    try:
+        with img.open_source(local) as src:
+            boot = _read_boot(_Reader(local, img.image_format(local), src, tmp), part)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    found = boot.efi_arch or boot.efi_machine
+    if boot.efi_arch and boot.efi_machine and boot.efi_arch == profile.arch:
+        found = boot.efi_machine  # the name fits: the PE header has the last word
+    if found and not _arch_matches(found, profile.arch):
+        raise ConfigError(
+            f"{shown or path}: its EFI loader {label}/{boot.efi_loader} is for {found}, and device {profile.name} "
+            f"({profile.source}) is {profile.arch}: pass an image built for {profile.arch}, or pick this "
+            "image's device with --device"
+        )
+
+
 def _arch_problem(what: str, arch: str, profile: Profile) -> Problem:
     return Problem(
         f"{what} is for {arch}, the device {profile.name} is {profile.arch}",

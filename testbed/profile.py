@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from testbed.errors import ConfigError
@@ -42,6 +42,9 @@ class QemuSettings(_Strict):
     # disks, so the firmware takes its cold path (seconds under TCG); "warm" resets the machine
     # in place, as a board would (OVMF's warm path took 15-20 s under TCG, and could hang).
     reset: Literal["restart", "warm"] = "restart"
+    # The display adapter: "std" (a PCI VGA card, as a PC has) or "none" (a board's machine,
+    # e.g. aarch64 virt, whose console is its UART).
+    vga: Literal["std", "none"] = "std"
     extra_args: list[str] = []
 
 
@@ -140,8 +143,14 @@ class PartitionSpec(_Strict):
 
 
 class LayoutSpec(_Strict):
+    # "mbr" is another name for "dos" (an MBR table, as on a Raspberry Pi).
     table: Literal["gpt", "dos"] = "gpt"
     partitions: list[PartitionSpec]
+
+    @field_validator("table", mode="before")
+    @classmethod
+    def _mbr_is_dos(cls, value: Any) -> Any:
+        return "dos" if value == "mbr" else value
 
 
 class OsSpec(_Strict):

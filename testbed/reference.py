@@ -82,7 +82,7 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "images"
 
 SUITE = "bookworm"
 ARCH = "amd64"
-# The profile architecture (``arch:``) the reference image boots on.
+# The profile architecture (``arch:``) the default reference image boots on.
 PROFILE_ARCH = "x86_64"
 APT_SOURCES = (
     "deb http://deb.debian.org/debian bookworm main",
@@ -114,7 +114,74 @@ GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 GPT_ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 GPT_LINUX_DATA = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 
+GPT_ROOT_AARCH64 = "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"
+
 GRUB_PLATFORM_DIR = Path("/usr/lib/grub/x86_64-efi")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What differs between the reference image's architectures (the recipe is the same).
+
+    ``grub_from_root``: GRUB's EFI modules come from the target's own root filesystem (Debian
+    ships ``grub-efi-arm64-bin`` for arm64 only: it is installed into the arm64 root and its
+    modules assembled by the host's ``grub-mkimage``). ``kernel_args``: the architecture's
+    part of the kernel command line (the serial console and, on x86, the TSC as the clock).
+    """
+
+    profile_arch: str
+    debian: str
+    grub_target: str
+    efi_loader: str
+    root_type: str
+    console_tty: str
+    machine: str
+    kernel_args: str
+    grub_from_root: bool
+    extra_packages: tuple[str, ...] = ()
+
+
+ARCHES = {
+    "x86_64": ArchSpec(
+        profile_arch="x86_64",
+        debian="amd64",
+        grub_target="x86_64-efi",
+        efi_loader="BOOTX64.EFI",
+        root_type=GPT_ROOT_X86_64,
+        console_tty="ttyS0",
+        machine="qemux86-64",
+        kernel_args="tsc=reliable clocksource=tsc mitigations=off console=ttyS0,115200",
+        grub_from_root=False,
+    ),
+    "aarch64": ArchSpec(
+        profile_arch="aarch64",
+        debian="arm64",
+        grub_target="arm64-efi",
+        efi_loader="BOOTAA64.EFI",
+        root_type=GPT_ROOT_AARCH64,
+        console_tty="ttyAMA0",
+        machine="generic-aarch64",
+        kernel_args="mitigations=off console=ttyAMA0,115200",
+        grub_from_root=True,
+        extra_packages=("grub-efi-arm64-bin",),
+    ),
+}
+# Names the command line accepts for --arch.
+ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def image_name(arch: str = PROFILE_ARCH, table: str = "gpt") -> str:
+    return f"testbed-ref-{arch}{'' if table == 'gpt' else '-' + table}.img"
+
+
+def bundle_name(arch: str = PROFILE_ARCH) -> str:
+    return f"testbed-ref-{arch}.rootfs.ext4"
+
+
+# MBR partition types: FAT32 (LBA) for resin-boot, as a Raspberry Pi's firmware wants it; Linux.
+MBR_FAT32 = "c"
+MBR_LINUX = "83"
+MBR_EXTENDED = "5"
 GRUB_MODULES = (
     "part_gpt",
     "part_msdos",
@@ -151,8 +218,16 @@ class BuildOptions:
     """What varies between reference images built from the same recipe."""
 
     version: str = "1.0.0"
+    arch: str = PROFILE_ARCH
+    # "gpt", or "mbr": a Raspberry Pi's layout (resin-boot p1, the roots p2 and p3, an extended
+    # container p4 holding resin-state p5 and resin-data p6).
+    table: str = "gpt"
 
     def __post_init__(self) -> None:
+        if self.table not in ("gpt", "mbr"):
+            raise ValueError(f"unknown partition table {self.table!r}: choose gpt or mbr")
+        if self.arch not in ARCHES:
+            raise ValueError(f"unknown architecture {self.arch!r}: choose one of {', '.join(sorted(ARCH_NAMES))}")
         if not _VERSION_RE.match(self.version):
             raise ValueError(
                 f"invalid version {self.version!r}: use letters, digits and . + ~ _ - "
@@ -185,13 +260,19 @@ class _LaidOut(TypedDict):
     uuid: NotRequired[str | None]
 
 
-PARTITIONS = (
-    Partition("resin-boot", "vfat", GPT_ESP, 40 * MIB),
-    Partition("resin-rootA", "ext4", GPT_ROOT_X86_64, None),
-    Partition("resin-rootB", "ext4", GPT_ROOT_X86_64, None),
-    Partition("resin-state", "ext4", GPT_LINUX_DATA, 64 * MIB),
-    Partition("resin-data", "ext4", GPT_LINUX_DATA, 1024 * MIB),
-)
+def partitions(arch: str = PROFILE_ARCH) -> tuple[Partition, ...]:
+    """The reference image's partitions; the roots carry the architecture's GPT root type."""
+    root = ARCHES[arch].root_type
+    return (
+        Partition("resin-boot", "vfat", GPT_ESP, 40 * MIB),
+        Partition("resin-rootA", "ext4", root, None),
+        Partition("resin-rootB", "ext4", root, None),
+        Partition("resin-state", "ext4", GPT_LINUX_DATA, 64 * MIB),
+        Partition("resin-data", "ext4", GPT_LINUX_DATA, 1024 * MIB),
+    )
+
+
+PARTITIONS = partitions()
 
 # Host tool -> Debian package that provides it.
 HOST_TOOLS = {
@@ -261,10 +342,10 @@ def check_arch(arch: str, profile_source: object) -> None:
     """A ConfigError unless the reference image runs on a device of architecture ``arch``."""
     from testbed.errors import ConfigError
 
-    if arch != PROFILE_ARCH:
+    if arch not in ARCHES:
         raise ConfigError(
-            f"{profile_source}: arch is {arch}, and testbed's reference image is built for {PROFILE_ARCH} only: "
-            f"give an image for {arch} with --image PATH"
+            f"{profile_source}: arch is {arch}, and testbed's reference image is built for "
+            f"{', '.join(sorted(ARCHES))} only: give an image for {arch} with --image PATH"
         )
 
 
@@ -288,11 +369,11 @@ def build(
     digest = image_hash(options)
     images = cache / "images"
     final_dir = images / digest
-    image = final_dir / IMAGE_NAME
+    image = final_dir / image_name(options.arch, options.table)
     if image.is_file() and not force:
         return image
 
-    check_host()
+    check_host(options.arch)
     images.mkdir(parents=True, exist_ok=True)
     with _locked(images / ".lock", log):
         if image.is_file() and not force:
@@ -334,7 +415,7 @@ def build_bundle(
     sparse, read-only.
     """
     image = build(options, cache_dir=cache_dir, log=log)
-    bundle = image.parent / BUNDLE_NAME
+    bundle = image.parent / bundle_name(options.arch)
     if bundle.is_file():
         return bundle
     manifest = json.loads((image.parent / MANIFEST_NAME).read_text())
@@ -342,7 +423,7 @@ def build_bundle(
     with _locked(image.parent.parent / ".lock", log):
         if bundle.is_file():
             return bundle
-        partial = image.parent / f".{BUNDLE_NAME}.tmp"
+        partial = image.parent / f".{bundle.name}.tmp"
         with open(partial, "wb") as out:
             out.truncate(int(root["size"]))
             _sparse_region_copy(image, int(root["start"]), int(root["size"]), out.fileno())
@@ -379,17 +460,62 @@ def _sparse_region_copy(src: Path, start: int, size: int, dst_fd: int) -> None:
             pos = hole
 
 
-def check_host() -> None:
-    """Raise :class:`BuildError` unless this host can build the image."""
+def check_host(arch: str = PROFILE_ARCH) -> None:
+    """Raise :class:`BuildError` unless this host can build the image for ``arch``."""
     for tool, package in HOST_TOOLS.items():
         if _which(tool) is None:
             raise MissingToolError(tool, package)
-    if not (GRUB_PLATFORM_DIR / "linux.mod").is_file():
+    spec = ARCHES[arch]
+    if not spec.grub_from_root and not (GRUB_PLATFORM_DIR / "linux.mod").is_file():
         raise MissingToolError(f"GRUB x86_64-efi modules ({GRUB_PLATFORM_DIR})", "grub-efi-amd64-bin")
+    if spec.debian != _host_debian_arch():
+        check_foreign(spec)
     if os.geteuid() != 0:
         raise BuildError(
             "building the reference image needs root (mmdebstrap root mode and root-owned files for mkfs.ext4 -d)"
         )
+
+
+def _host_debian_arch() -> str:
+    machine = os.uname().machine
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+
+
+def check_foreign(spec: ArchSpec) -> None:
+    """A foreign root filesystem's package scripts run under qemu-user through binfmt_misc:
+    mount it and register the interpreter (root only; the registration is the kernel's, for
+    the host), or say how."""
+    if _which("arch-test") is None:
+        raise MissingToolError("arch-test", "arch-test")
+    qemu = f"qemu-{spec.profile_arch}-static"
+    if _which(qemu) is None:
+        raise MissingToolError(qemu, "qemu-user-static")
+    if not (BINFMT_DIR / "register").exists():
+        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)], capture_output=True)
+    entry = BINFMT_DIR / f"qemu-{spec.profile_arch}"
+    if not entry.exists():
+        conf = Path(f"/usr/lib/binfmt.d/qemu-{spec.profile_arch}.conf")
+        if not conf.is_file() or not (BINFMT_DIR / "register").exists():
+            raise BuildError(
+                f"building for {spec.debian} needs binfmt_misc with qemu-user-static: as root, "
+                f"mount -t binfmt_misc binfmt_misc {BINFMT_DIR} and install qemu-user-static"
+            )
+        line = conf.read_text().strip().splitlines()[-1]
+        # Debian's line names the binfmt wrapper of qemu-user-binfmt; the static emulator itself
+        # serves as well (flag F: the kernel holds it open, so it works inside a chroot).
+        fields = line.split(":")
+        fields[-2] = str(_which(qemu))
+        fields[-1] = "F"
+        try:
+            (BINFMT_DIR / "register").write_text(":".join(fields))
+        except OSError as exc:
+            raise BuildError(f"registering {qemu} with binfmt_misc failed ({exc}); run as root") from None
+    done = subprocess.run(["arch-test", spec.debian], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BuildError(f"this host cannot run {spec.debian} binaries through qemu-user: {done.stdout.strip()}")
 
 
 def _which(tool: str) -> str | None:
@@ -515,7 +641,21 @@ class _Runner:
 class _DiskBuilder:
     """The image's filesystems and its partition table, from the customized root tree."""
 
-    def __init__(self, run: Callable[..., str], log: Log, work: Path, staging: Path, rootfs: Path, recipe: Path):
+    def __init__(
+        self,
+        run: Callable[..., str],
+        log: Log,
+        work: Path,
+        staging: Path,
+        rootfs: Path,
+        recipe: Path,
+        arch: str,
+        table: str = "gpt",
+    ):
+        self.arch = arch
+        self.table = table
+        self.spec = ARCHES[arch]
+        self.partitions = partitions(arch)
         self._run = run
         self.log = log
         self.work = work
@@ -563,8 +703,13 @@ class _DiskBuilder:
         boot = self.recipe / "boot"
         grub = self.work / "grub"
         grub.mkdir()
-        efi = grub / "BOOTX64.EFI"
-        self.log("grub-mkimage: EFI/BOOT/BOOTX64.EFI")
+        spec = self.spec
+        efi = grub / spec.efi_loader
+        self.log(f"grub-mkimage: EFI/BOOT/{spec.efi_loader} ({spec.grub_target})")
+        # Debian ships arm64's GRUB modules for arm64 hosts only: they come from the target's root.
+        platform = self.rootfs / "usr/lib/grub" / spec.grub_target if spec.grub_from_root else GRUB_PLATFORM_DIR
+        if not (platform / "linux.mod").is_file():
+            raise BuildError(f"GRUB {spec.grub_target} modules not found in {platform}")
         # The embedded configuration runs before GRUB's script parser is
         # loaded: plain commands only, no comments.
         early = grub / "early.cfg"
@@ -579,9 +724,9 @@ class _DiskBuilder:
             [
                 "grub-mkimage",
                 "-O",
-                "x86_64-efi",
+                spec.grub_target,
                 "-d",
-                str(GRUB_PLATFORM_DIR),
+                str(platform),
                 "-o",
                 str(efi),
                 "-p",
@@ -596,15 +741,22 @@ class _DiskBuilder:
         self._run(["grub-editenv", str(grubenv), "set", *(f"{k}={v}" for k, v in GRUBENV_DEFAULTS)])
 
         out = self.work / "resin-boot.vfat"
-        size = PARTITIONS[0].size
+        size = self.partitions[0].size
         assert size is not None
+        # The kernel command line's architecture part: x86's is what the recipe's grub.cfg says.
+        grub_cfg = grub / "grub.cfg"
+        text = (boot / "grub.cfg").read_text()
+        x86_args = ARCHES["x86_64"].kernel_args
+        if x86_args not in text:
+            raise BuildError(f"{boot / 'grub.cfg'}: the kernel command line no longer ends with {x86_args!r}")
+        grub_cfg.write_text(text.replace(x86_args, spec.kernel_args))
         self._run(["mkfs.vfat", "-n", "resin-boot", "-C", str(out), str(size // 1024)])
         mtools = {"MTOOLS_SKIP_CHECK": "1"}
         image = f"{out}"
         self._run(["mmd", "-i", image, "::EFI", "::EFI/BOOT", "::system-connections"], env=mtools)
         for source, target in (
-            (efi, "::EFI/BOOT/BOOTX64.EFI"),
-            (boot / "grub.cfg", "::EFI/BOOT/grub.cfg"),
+            (efi, f"::EFI/BOOT/{spec.efi_loader}"),
+            (grub_cfg, "::EFI/BOOT/grub.cfg"),
             (grubenv, "::grubenv"),
             (boot / "config.json", "::config.json"),
         ):
@@ -613,11 +765,13 @@ class _DiskBuilder:
 
     def assemble(self, sizes: dict[str, int], filesystems: dict[str, Path]) -> list[_LaidOut]:
         """Partition a sparse disk image and copy the filesystems into it."""
-        image = self.staging / IMAGE_NAME
+        image = self.staging / image_name(self.arch, self.table)
+        if self.table == "mbr":
+            return self._assemble_mbr(image, sizes, filesystems)
         start = MIB
         layout: list[_LaidOut] = []
         script = ["label: gpt", "unit: sectors", "first-lba: 2048", ""]
-        for number, part in enumerate(PARTITIONS, 1):
+        for number, part in enumerate(self.partitions, 1):
             size = sizes[part.label]
             layout.append(
                 {
@@ -636,7 +790,7 @@ class _DiskBuilder:
         total = start + MIB  # room for the backup GPT
         with open(image, "wb") as handle:
             handle.truncate(total)
-        self.log(f"sfdisk: GPT with {len(PARTITIONS)} partitions, {total // MIB} MiB image")
+        self.log(f"sfdisk: GPT with {len(self.partitions)} partitions, {total // MIB} MiB image")
         self._run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)], stdin="\n".join(script) + "\n")
         table = json.loads(self._run(["sfdisk", "--json", str(image)]))["partitiontable"]["partitions"]
         for entry, row in zip(layout, table, strict=False):
@@ -649,6 +803,60 @@ class _DiskBuilder:
                 _sparse_copy(src, dst.fileno(), entry["start"], entry["size"])
                 src.unlink()
         return layout
+
+
+    def _assemble_mbr(self, image: Path, sizes: dict[str, int], filesystems: dict[str, Path]) -> list[_LaidOut]:
+        """A Raspberry Pi's MBR: resin-boot p1 (FAT32, bootable), resin-rootA p2, resin-rootB p3,
+        an extended container p4, resin-state p5 and resin-data p6 (logical, each after its own
+        extended boot record, 1 MiB apart)."""
+        layout: list[_LaidOut] = []
+        script = ["label: dos", "unit: sectors", ""]
+        start = MIB
+        primaries, logicals = self.partitions[:3], self.partitions[3:]
+        for number, part in enumerate(primaries, 1):
+            kind = MBR_FAT32 if part.fstype == "vfat" else MBR_LINUX
+            layout.append(self._entry(number, part, kind, start, sizes[part.label]))
+            boot = ", bootable" if number == 1 else ""
+            script.append(f"start={start // SECTOR}, size={sizes[part.label] // SECTOR}, type={kind}{boot}")
+            start += sizes[part.label]
+        extended_start = start
+        extended_size = sum(sizes[p.label] + MIB for p in logicals)
+        script.append(f"start={extended_start // SECTOR}, size={extended_size // SECTOR}, type={MBR_EXTENDED}")
+        start += MIB  # the first logical partition's extended boot record
+        for number, part in enumerate(logicals, 5):
+            layout.append(self._entry(number, part, MBR_LINUX, start, sizes[part.label]))
+            script.append(f"start={start // SECTOR}, size={sizes[part.label] // SECTOR}, type={MBR_LINUX}")
+            start += sizes[part.label] + MIB
+        total = extended_start + extended_size
+        with open(image, "wb") as handle:
+            handle.truncate(total)
+        self.log(f"sfdisk: MBR with {len(layout)} partitions (p4 extended), {total // MIB} MiB image")
+        self._run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)], stdin="\n".join(script) + "\n")
+        table = json.loads(self._run(["sfdisk", "--json", str(image)]))["partitiontable"]["partitions"]
+        by_start = {row["start"]: row for row in table}
+        for entry in layout:
+            row = by_start.get(entry["start_sector"])
+            if row is None or row["size"] != entry["size_sectors"] or not row["node"].endswith(str(entry["number"])):
+                raise BuildError(f"sfdisk laid out {entry['label']} differently: {table}")
+        with open(image, "r+b") as dst:
+            for entry in layout:
+                src = filesystems[entry["label"]]
+                _sparse_copy(src, dst.fileno(), entry["start"], entry["size"])
+                src.unlink()
+        return layout
+
+    @staticmethod
+    def _entry(number: int, part: Partition, kind: str, start: int, size: int) -> _LaidOut:
+        return {
+            "number": number,
+            "label": part.label,
+            "fstype": part.fstype,
+            "type": kind,
+            "start": start,
+            "size": size,
+            "start_sector": start // SECTOR,
+            "size_sectors": size // SECTOR,
+        }
 
 
 class _Builder:
@@ -678,7 +886,11 @@ class _Builder:
         self.recipe = RECIPE_DIR
         tool_path = os.pathsep.join([os.environ.get("PATH", os.defpath), *_SBIN_PATH])
         self._run = _Runner(build_log, log, tool_path).run
-        self.disk = _DiskBuilder(self._run, log, self.work, staging, self.rootfs, self.recipe)
+        self.arch = options.arch
+        self.spec = ARCHES[options.arch]
+        self.disk = _DiskBuilder(
+            self._run, log, self.work, staging, self.rootfs, self.recipe, options.arch, options.table
+        )
 
     # -- steps ---------------------------------------------------------------
 
@@ -695,7 +907,7 @@ class _Builder:
         disk = self.disk
         boot = disk.boot_filesystem()
         root_size = self._root_size()
-        sizes = {p.label: (p.size if p.size is not None else root_size) for p in PARTITIONS}
+        sizes = {p.label: (p.size if p.size is not None else root_size) for p in disk.partitions}
         filesystems = {
             "resin-boot": boot,
             "resin-rootA": disk.ext4("resin-rootA", sizes["resin-rootA"], self.rootfs, reserved=0),
@@ -707,10 +919,10 @@ class _Builder:
         _remove_tree(self.work)
 
         seconds = round(time.monotonic() - started, 1)
-        image = self.staging / IMAGE_NAME
+        image = self.staging / image_name(self.arch, self.options.table)
         manifest = {
             "name": "testbed reference OS",
-            "image": IMAGE_NAME,
+            "image": image.name,
             "version": self.options.version,
             "options": dataclasses.asdict(self.options),
             "hash": self.digest,
@@ -719,7 +931,8 @@ class _Builder:
             "size": image.stat().st_size,
             "sector_size": SECTOR,
             "suite": SUITE,
-            "architecture": ARCH,
+            "architecture": self.spec.debian,
+            "arch": self.arch,
             "kernel": kernel,
             "base": base.name,
             "partitions": layout,
@@ -735,7 +948,7 @@ class _Builder:
         for name in ("packages.txt", "hooks/essential.sh"):
             digest.update(name.encode() + b"\0" + (self.recipe / name).read_bytes() + b"\0")
         digest.update(inspect.getsource(_Builder._bootstrap).encode())
-        digest.update(json.dumps([SUITE, ARCH, APT_SOURCES, DPKG_EXCLUDES]).encode())
+        digest.update(json.dumps([SUITE, self.spec.debian, APT_SOURCES, DPKG_EXCLUDES, self.spec.extra_packages]).encode())
         return digest.hexdigest()[:24]
 
     def _base(self) -> Path:
@@ -763,7 +976,7 @@ class _Builder:
 
     def _bootstrap(self, tree: Path) -> None:
         """mmdebstrap the package list into tree, through the .deb cache."""
-        packages = _read_packages(self.recipe / "packages.txt")
+        packages = [*_read_packages(self.recipe / "packages.txt", self.spec.debian), *self.spec.extra_packages]
         self.apt_cache.mkdir(parents=True, exist_ok=True)
         archives = '"$1"/var/cache/apt/archives'
         cache = shlex.quote(str(self.apt_cache))
@@ -771,7 +984,7 @@ class _Builder:
             "mmdebstrap",
             "--mode=auto",
             "--variant=minbase",
-            f"--architectures={ARCH}",
+            f"--architectures={self.spec.debian}",
             "--include=" + ",".join(packages),
             '--aptopt=Acquire::Retries "3"',
             # The build directory may sit in a home directory apt's sandbox
@@ -824,7 +1037,12 @@ class _Builder:
                 str(self.recipe / "hooks" / "customize.sh"),
                 str(self.rootfs),
             ],
-            env={"TESTBED_RECIPE": str(self.recipe), "TESTBED_VERSION": self.options.version},
+            env={
+                "TESTBED_RECIPE": str(self.recipe),
+                "TESTBED_VERSION": self.options.version,
+                "TESTBED_MACHINE": self.spec.machine,
+                "TESTBED_CONSOLE": self.spec.console_tty,
+            },
         )
 
     def _installed_packages(self) -> dict[str, str]:
@@ -859,10 +1077,11 @@ class _Builder:
         return size
 
 
-def _read_packages(path: Path) -> list[str]:
+def _read_packages(path: Path, debian_arch: str = ARCH) -> list[str]:
+    """The package list; ``@ARCH@`` stands for the Debian architecture (the kernel's flavour)."""
     packages = []
     for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+        line = line.split("#", 1)[0].strip().replace("@ARCH@", debian_arch)
         if line:
             packages.extend(line.split())
     if not packages:
@@ -922,6 +1141,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if the image is cached")
     parser.add_argument(
+        "--arch",
+        default=PROFILE_ARCH,
+        choices=sorted(ARCH_NAMES),
+        help=f"the architecture to build for (default {PROFILE_ARCH}; arm64 through qemu-user-static)",
+    )
+    parser.add_argument(
+        "--table",
+        default="gpt",
+        choices=["gpt", "mbr"],
+        help="the partition table (mbr: a Raspberry Pi's, with resin-state and resin-data in an extended container)",
+    )
+    parser.add_argument(
         "--bundle",
         action="store_true",
         help="build the update bundle (root filesystem) of that version instead, and print its path",
@@ -933,7 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         version = args.version or (BUNDLE_VERSION if args.bundle else BuildOptions.version)
-        options = BuildOptions(version=version)
+        options = BuildOptions(version=version, arch=ARCH_NAMES[args.arch], table=args.table)
         if args.bundle:
             image = build_bundle(options, cache_dir=args.cache_dir, log=log)
         else:

@@ -5,10 +5,14 @@
 # Environment from testbed/reference.py:
 #   TESTBED_RECIPE   this directory's parent (the images/ recipe)
 #   TESTBED_VERSION  OS version for /etc/os-release
+#   TESTBED_MACHINE  the device type (os-release MACHINE and SLUG): qemux86-64, generic-aarch64
+#   TESTBED_CONSOLE  the serial console's tty: ttyS0 (x86), ttyAMA0 (arm64 virt)
 set -eu
 root="$1"
 recipe="${TESTBED_RECIPE:?}"
 version="${TESTBED_VERSION:?}"
+machine="${TESTBED_MACHINE:-qemux86-64}"
+console="${TESTBED_CONSOLE:-ttyS0}"
 
 in_root() {
 	chroot "${root}" "$@"
@@ -19,6 +23,13 @@ in_root() {
 # ownership and mode.
 tar -C "${recipe}/rootfs" --owner=0 --group=0 --numeric-owner --mode=go-w -cf - . |
 	tar -C "${root}" -xf - --no-overwrite-dir
+# The recipe's units name the x86 serial console; another architecture's is another tty.
+if [ "${console}" != ttyS0 ]; then
+	sed -i "s/ttyS0/${console}/g" \
+		"${root}"/etc/systemd/system/development-mode.target \
+		"${root}"/etc/systemd/system/config-json.service \
+		"${root}"/etc/systemd/system/systemd-udev-trigger.service.d/testbed.conf
+fi
 chmod 755 "${root}"/usr/libexec/testbed/* "${root}"/usr/sbin/hostapp-update \
 	"${root}"/usr/lib/hostapp-update/hooks.d/* \
 	"${root}"/etc/initramfs-tools/hooks/testbed \
@@ -31,8 +42,8 @@ ID_LIKE=debian
 VERSION="${version}"
 VERSION_ID="${version}"
 PRETTY_NAME="testbed reference OS ${version}"
-MACHINE="qemux86-64"
-SLUG="qemux86-64"
+MACHINE="${machine}"
+SLUG="${machine}"
 OSRELEASE
 ln -sfn ../usr/lib/os-release "${root}/etc/os-release"
 

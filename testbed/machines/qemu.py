@@ -97,7 +97,7 @@ def firmware_argv(
         s.binary, "-name", name, "-nodefaults", "-no-user-config",
         "-machine", s.machine, "-accel", accel, "-cpu", cpu,
         "-m", str(memory_mib or s.memory_mib), "-smp", str(s.cpus),
-        "-display", "none", "-vga", "std",
+        "-display", "none", "-vga", s.vga,
         "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
         "-drive", f"if=pflash,{vars_drive}",
     ]  # fmt: skip
@@ -135,10 +135,15 @@ def probe_accel(profile: Profile, timeout: float | None = None) -> tuple[str, st
         return _accel_cache[key]
     reasons = []
     chosen = ""
+    host = os.uname().machine
     for accel in settings.accel:
         if accel == "tcg":
             chosen = "tcg"
             break
+        if profile.arch != host:
+            # KVM runs a guest of the host's own architecture only: no probe, one reason.
+            reasons.append(f"kvm: not for a foreign architecture ({profile.arch} guest on an {host} host)")
+            continue
         ok, why = _probe_kvm(profile, timeout or profile.timeouts.kvm_probe)
         if ok:
             chosen = "kvm"
