@@ -156,3 +156,17 @@ def test_a_place_needs_a_health_check_when_never_checked_or_long_ago() -> None:
     assert stale(_place("a"), 24, now)
     assert not stale(_place("a", testbed_health_at=f"{now - 3600:.0f}"), 24, now)
     assert stale(_place("a", testbed_health_at=f"{now - 25 * 3600:.0f}"), 24, now)
+
+
+def test_a_testbed_holder_without_its_lease_expires_once_the_place_is_quiet_for_a_lease() -> None:
+    """Its keeper died between acquiring and the first heartbeat (or while letting go): the tags
+    name no one or another holder. A labgrid user's lock (no testbed holder name) never expires."""
+    now = time.time()
+    place = _place("a", testbed_holder="h/u-testbed-1", testbed_lease=f"{now + 300:.0f}")
+    place.acquired = "h/u-testbed-2"
+    place.changed = now - 5
+    assert not lease_expired(place, now)
+    place.changed = now - 100
+    assert lease_expired(place, now)
+    place.acquired = "h/alice"
+    assert not lease_expired(place, now)

@@ -12,15 +12,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import time
 from types import ModuleType
 
 import pytest
 
 from testbed.errors import ConfigError
 from tests.conftest import REPO
-
-WALL_LIMIT_S = 90.0
 
 
 def require_labgrid() -> None:
@@ -54,9 +51,7 @@ def test_farm_under_random_kills_keeps_its_three_promises() -> None:
     require_labgrid()
     scale = load_benchmark()
     options = scale.Options(places=12, clients=4, minutes=0.75, kill_every=6.0, ttl=5.0, margin=10.0, wait=60.0, seed=7)
-    started = time.monotonic()
     result = scale.run(options)
-    took = time.monotonic() - started
     text = scale.report(result)
 
     for name, check in result.checks.items():
@@ -71,4 +66,3 @@ def test_farm_under_random_kills_keeps_its_three_promises() -> None:
     breaks = result.broken_leases["by_jobs"] + result.broken_leases["at_end"]
     assert breaks >= result.kills_holding[scale.KILL_GROUP], text
     assert result.coordinator_rss_mb is not None and result.coordinator_rss_mb > 0, text
-    assert took < WALL_LIMIT_S, f"took {took:.0f}s:\n{text}"

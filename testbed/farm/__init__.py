@@ -7,10 +7,4 @@ matrix with retries and a summary. ``virtual``: a whole farm on this machine (a 
 coordinator and exporter on loopback, boards on QEMU). ``cli``: ``python -m testbed farm``.
 """
 
-import os
-
-# gRPC's fork handlers, when a session's threads are busy, leave a forked child with broken
-# epoll descriptors: the child (an exporter, QEMU, a helper started while a session is open)
-# may crash before it execs. testbed forks only to exec, so the handlers are off, set before
-# anything in this package imports labgrid (and with it gRPC).
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# gRPC settings for labgrid sessions: testbed/__init__.py (set before any gRPC import).

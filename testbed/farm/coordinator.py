@@ -61,6 +61,7 @@ class PlaceInfo:
     comment: str = ""
     resources: dict[str, dict[str, Any]] = field(default_factory=dict)
     exporters: list[str] = field(default_factory=list)
+    changed: float = 0.0  # the coordinator's time of the place's last change (acquire, release, tags)
 
 
 class Coordinator:
@@ -216,6 +217,7 @@ class Coordinator:
             comment=place.comment,
             resources=resources,
             exporters=exporters,
+            changed=float(place.changed or 0.0),
         )
 
     def exporter_resources(self) -> dict[str, dict[str, dict[str, Any]]]:

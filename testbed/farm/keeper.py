@@ -61,25 +61,40 @@ def parse_tags(text: str) -> dict[str, str]:
     return tags
 
 
-def lease_expired(place: PlaceInfo, now: float) -> bool:
+TESTBED_HOLDER = "-testbed-"
+
+
+def lease_expired(place: PlaceInfo, now: float, ttl: float = DEFAULT_TTL_S) -> bool:
     """A testbed lease on ``place`` whose heartbeat stopped: the holder the coordinator records
-    is the one the lease names, and the lease's end has passed."""
-    if not place.acquired or place.tags.get(HOLDER_TAG) != place.acquired:
+    is the one the lease names, and the lease's end has passed. Also a testbed holder whose lease
+    tags are missing or name another holder (its keeper died between acquiring and its first
+    heartbeat, or while letting go) once the place has not changed for ``ttl``: no keeper of
+    testbed's holds a place that long without writing its lease."""
+    if not place.acquired:
         return False
-    try:
-        return float(place.tags.get(LEASE_TAG, "")) < now
-    except ValueError:
-        return False
+    if place.tags.get(HOLDER_TAG) == place.acquired:
+        try:
+            return float(place.tags.get(LEASE_TAG, "")) < now
+        except ValueError:
+            pass
+    if TESTBED_HOLDER not in place.acquired.split("/", 1)[-1]:
+        return False  # a labgrid user's lock: never broken
+    return place.changed > 0 and now - place.changed > ttl
 
 
 def break_expired(coord: Coordinator, place: PlaceInfo, emit: Any = None) -> bool:
-    """Release ``place`` if its lease expired (only from the holder that let it expire)."""
+    """Release ``place`` if its lease expired (only from the holder that let it expire; if
+    another run broke it first, or took the place meanwhile, nothing is done or reported)."""
     if not lease_expired(place, time.time()):
         return False
     holder = place.acquired
     assert holder is not None
     coord.release(place.name, fromuser=holder)
-    coord.set_tags(place.name, {HOLDER_TAG: "", LEASE_TAG: ""})
+    after = coord.place(place.name)
+    if after.acquired is not None:
+        return False  # someone else's now: their lease, their tags
+    if after.tags.get(HOLDER_TAG) == holder:
+        coord.set_tags(place.name, {HOLDER_TAG: "", LEASE_TAG: ""})
     if emit is not None:
         emit({"event": "broke", "place": place.name, "holder": holder, "lease": place.tags.get(LEASE_TAG)})
     return True
@@ -172,8 +187,12 @@ class Keeper:
             places = coord.places()
             holders: list[str] = []
             avoid = tuple(filter(None, (self.args.avoid or "").split(",")))
-            for place in candidates(places, self.args.place, tags, coord.address, avoid):
-                if place.acquired and not break_expired(coord, place, self.emit):
+            chosen = candidates(places, self.args.place, tags, coord.address, avoid)
+            # Every expired lease among them is broken on the way, not only when no place is
+            # free: a dead run's place goes back to the farm at the next request that sees it.
+            freed = {p.name for p in chosen if p.acquired and break_expired(coord, p, self.emit)}
+            for place in chosen:
+                if place.acquired and place.name not in freed:
                     holders.append(f"{place.name} by {place.acquired}")
                     continue
                 try:
@@ -249,8 +268,14 @@ class Keeper:
             return
         place, self.place = self.place, None
         try:
-            self.coord.set_tags(place, {HOLDER_TAG: "", LEASE_TAG: ""})
+            # Released first: a keeper killed right after leaves a free place, never one held
+            # without its lease. The tags are then cleared only while they still name this
+            # holder on a free place (stale ones would do no harm: they are checked against
+            # the holder).
             self.coord.release(place, fromuser=self.coord.name)
+            after = self.coord.place(place)
+            if after.acquired is None and after.tags.get(HOLDER_TAG) == self.coord.name:
+                self.coord.set_tags(place, {HOLDER_TAG: "", LEASE_TAG: ""})
             self.emit({"event": "released", "place": place})
         except (ConfigError, InfraError) as exc:
             self.emit({"event": "error", "kind": "infra", "message": f"releasing {place}: {exc}"})
