@@ -51,7 +51,9 @@ def hup_bundle(pytestconfig: pytest.Config, testbed_state) -> Path:
         )
     from testbed import reference
 
-    return reference.build_bundle(log=testbed_state.say)
+    arch = testbed_state.resolve_profile().arch
+    options = reference.BuildOptions(version=reference.BUNDLE_VERSION, arch=arch)
+    return reference.build_bundle(options, log=testbed_state.say)
 
 
 @dataclass
