@@ -5,8 +5,6 @@ and its PE header's machine field, which has the last word when the name fits.""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -17,16 +15,7 @@ import pytest
 from testbed.errors import ConfigError
 from testbed.inspect import check_loader_arch
 from testbed.profile import load_profile
-
-
-def require_tools(*tools: str) -> None:
-    """Fail with CI=true when a host tool is missing, skip elsewhere."""
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        message = f"needs {', '.join(missing)} (./run installs them)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {message}")
-        pytest.skip(message)
+from tests.conftest import require_tools
 
 PE_MACHINE = {"x86_64": 0x8664, "aarch64": 0xAA64}
 

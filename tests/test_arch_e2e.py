@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +18,6 @@ from testbed import reference
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _require(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        message = f"needs {', '.join(missing)} (./run installs them)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {message}")
-        pytest.skip(message)
 
 
 def _run(device: str, reports: Path, *suites: str, timeout: float = 2400) -> dict:

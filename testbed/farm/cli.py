@@ -28,7 +28,7 @@ from testbed.errors import ConfigError
 from testbed.report import EXIT_FAILED, EXIT_PASSED
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     farm = sub.add_parser(
         "farm",
         help="a labgrid farm: places, health checks, a farm night",

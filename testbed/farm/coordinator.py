@@ -116,8 +116,8 @@ class Coordinator:
         args = argparse.Namespace(allow_unmatched=False, kick=False)
         session = session_class(self.address, self.loop, args=args)
         await self._own_connection(session)
-        session.gethostname = lambda: self.host  # type: ignore[method-assign]
-        session.getuser = lambda: self.user  # type: ignore[method-assign]
+        session.gethostname = lambda: self.host
+        session.getuser = lambda: self.user
         try:
             await session.start()
         except BaseException:
@@ -133,7 +133,7 @@ class Coordinator:
         its clients apart by that connection's address: a second session of one process (or a
         new one while the coordinator still tears down the last) would be taken for the first,
         and the coordinator's stream handler fails. The channel options are labgrid's own."""
-        import grpc
+        import grpc  # type: ignore[import-untyped]
         from labgrid.remote.generated import labgrid_coordinator_pb2_grpc
 
         old = session.channel

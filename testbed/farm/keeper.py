@@ -223,6 +223,7 @@ class Keeper:
 
     def _hold(self) -> int:
         assert self.coord is not None and self.place is not None
+        place: str = self.place
         interval = max(self.ttl / 6, 0.2)
         next_beat = time.monotonic() + interval
         stdin = sys.stdin.buffer
@@ -245,11 +246,11 @@ class Keeper:
                     if command.get("op") == "release":
                         return 0
                     if command.get("op") == "tags":
-                        self.coord.set_tags(self.place, {str(k): str(v) for k, v in command["tags"].items()})
+                        self.coord.set_tags(place, {str(k): str(v) for k, v in command["tags"].items()})
                         self.emit({"event": "tagged"})
             if time.monotonic() >= next_beat:
                 try:
-                    holder = self.coord.place(self.place).acquired
+                    holder = self.coord.place(place).acquired
                     if holder != self.coord.name:
                         self.emit(
                             {"event": "lost", "reason": f"place {self.place} is now held by {holder or 'nobody'}"}
