@@ -12,6 +12,11 @@ With ``--suites`` it also times whole suite runs, in the same run: the OS suites
 (issue target 5 min) and the hup suite with 5 power-cut trials (target 6 min), each also as a
 number of cold boots of this run (the suite's cost in the unit that dominates it).
 
+With ``--arch`` it prints the aarch64 figures next to x86_64's, in the same run: cold boot to SSH
+split into its stages (firmware, bootloader, kernel, userspace), snapshot restore to SSH, and with
+``--arch-suites`` one OS-suite run (development mode, the hup suite aside), each as a ratio;
+``--cpu-models cortex-a72,cortex-a57,max`` adds a cold boot of the aarch64 guest per CPU model.
+
 With ``--certify`` it prints only the certification figures: ``python -m testbed certify`` from an
 empty warm store, the same command again (warm devices), and ``suites/smoke`` warm, each with the
 boots and snapshot restores it cost.
@@ -188,7 +193,13 @@ def main() -> None:
         action="store_true",
         help="only the certification figures: certify cold, certify again (warm devices), one suite warm",
     )
+    ap.add_argument("--arch", action="store_true", help="aarch64 next to x86_64: boot, its stages, restore")
+    ap.add_argument("--arch-suites", action="store_true", help="with --arch: one OS-suite run on each")
+    ap.add_argument("--cpu-models", default="", help="with --arch: aarch64 CPU models to boot, comma-separated")
     args = ap.parse_args()
+    if args.arch:
+        arch_figures(args.arch_suites, [m for m in args.cpu_models.split(",") if m])
+        return
     if args.certify:
         certify_figures(args.device, args.image)
         return
@@ -221,6 +232,67 @@ def main() -> None:
     for name, ours, theirs, ratio, target in rows:
         r = f"{ratio:.2f}" if ratio is not None else "-"
         print(f"{name:28} {ours:>10}   {theirs:38} {r:>6}  {target}")
+
+
+STAGES = ("firmware", "bootloader", "kernel", "userspace", "ssh")
+
+
+def _one_device(profile, image: Path) -> dict[str, float]:
+    """Cold boot to SSH (and where it went), then snapshot restores to SSH, of one device."""
+    work = Path(tempfile.mkdtemp(prefix="bench-arch-"))
+    dut = open_dut(profile, image, "raw", work / "console.log")
+    try:
+        t0 = time.monotonic()
+        record = dut.power_on()
+        figures = {"boot": time.monotonic() - t0}
+        assert record is not None
+        # Each stage's share: from its start to the next stage's (the last one ends at SSH).
+        marks = [(name, record.at(name)) for name in STAGES]
+        marks = [(n, t) for n, t in marks if t is not None]
+        for (name, at), (_next, until) in zip(marks, marks[1:]):
+            figures[name] = until - at
+        dut.save_snapshot("ready")
+        restores = []
+        for _ in range(3):
+            s = time.monotonic()
+            dut.restore("ready")
+            restores.append(time.monotonic() - s)
+        figures["restore"] = statistics.median(restores)
+        return figures
+    finally:
+        dut.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def arch_figures(suites: bool, cpu_models: list[str]) -> None:
+    """aarch64 next to x86_64 in one run, as ratios."""
+    devices = {"x86_64": "qemu-x86_64", "aarch64": "qemu-aarch64"}
+    images = {arch: reference.build(reference.BuildOptions(arch=arch), log=lambda _l: None) for arch in devices}
+    got = {}
+    for arch, device in devices.items():
+        got[arch] = _one_device(load_profile(device), images[arch])
+        print(f"{device}: cold boot to SSH {got[arch]['boot']:.1f} s, restore {got[arch]['restore']:.2f} s", flush=True)
+    if suites:
+        tmp = Path(tempfile.mkdtemp(prefix="testbed-bench-arch-"))
+        for arch, device in devices.items():
+            got[arch]["suite"] = _timed_pytest(
+                ["suites", "--ignore=suites/hup", "--mode", "development"], device, images[arch], tmp
+            )
+        shutil.rmtree(tmp, ignore_errors=True)
+    x, a = got["x86_64"], got["aarch64"]
+    print(f"\n{'figure':30} {'x86_64':>9} {'aarch64':>9} {'ratio':>6}  target")
+    rows = [("cold boot to SSH", "boot", "<= 2.5"), *((f"  of which {n}", n, "") for n in STAGES[:-1]),
+            ("snapshot restore to SSH", "restore", ""), ("OS suites, development mode", "suite", "")]  # fmt: skip
+    for name, key, target in rows:
+        if key in x and key in a:
+            ratio = f"{a[key] / x[key]:.2f}" if x[key] > 0 else "-"
+            print(f"{name:30} {x[key]:>8.1f}s {a[key]:>8.1f}s {ratio:>6}  {target}")
+    base = load_profile("qemu-aarch64")
+    for model in cpu_models:
+        profile = base.model_copy(update={"qemu": base.qemu.model_copy(update={"cpu": model})})
+        fig = _one_device(profile, images["aarch64"])
+        parts = ", ".join(f"{n} {fig[n]:.1f}" for n in STAGES[:-1] if n in fig)
+        print(f"aarch64 -cpu {model:12} cold boot to SSH {fig['boot']:6.1f} s ({parts})", flush=True)
 
 
 def _boots(report_dir: Path) -> tuple[int, int]:

@@ -293,9 +293,11 @@ class BootModel:
                     self._stage(record, stage, text)
                 return
             level = self._level(record)
-            if self.detector.restarted(line) and (
-                self.state == BootState.SSH_READY or level >= STAGE_ORDER.index("kernel")
-            ):
+            # A kernel's first line ends the boot only once that boot is past its kernel: the EFI
+            # stub of an arm64 kernel says "Booting Linux Kernel..." before the kernel's banner.
+            kernel = STAGE_ORDER.index("kernel")
+            threshold = kernel + 1 if self.detector.stage_of(line, -1) == "kernel" else kernel
+            if self.detector.restarted(line) and (self.state == BootState.SSH_READY or level >= threshold):
                 record = self._start("reboot", BootState.FIRMWARE)
                 level = -1
             stage = self.detector.stage_of(line, level)

@@ -137,6 +137,9 @@ class BoardSettings(_Strict):
 
 class PartitionSpec(_Strict):
     label: str
+    # The number Linux gives it (sda<number>); on an MBR, 5 and up are logical partitions in
+    # the extended container. None: any number (only the order of the labels is checked).
+    number: int | None = Field(default=None, ge=1, le=128)
     fstype: str
     min_mib: int = 1
     max_mib: int = 1 << 20

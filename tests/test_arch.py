@@ -92,3 +92,36 @@ def test_the_run_refuses_it_before_any_boot_in_one_line(tmp_path: Path) -> None:
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("ERROR: ")]
     assert len(errors) == 1 and "is for x86_64, and device qemu-aarch64" in errors[0]
     assert "power on" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("device", "arch", "table"),
+    [("qemu-x86_64", "x86_64", "gpt"), ("qemu-aarch64", "aarch64", "gpt"), ("qemu-x86_64-mbr", "x86_64", "mbr")],
+)
+def test_without_image_the_reference_image_of_the_profiles_arch_and_table_is_used(
+    device: str, arch: str, table: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without --image a profile gets the reference image built for its architecture and its
+    partition table, never the x86_64 GPT one by default."""
+    from testbed import inputs, reference
+
+    asked: list[reference.BuildOptions] = []
+
+    def build(options: reference.BuildOptions, **_: object) -> Path:
+        asked.append(options)
+        return tmp_path / reference.image_name(options.arch, options.table)
+
+    monkeypatch.setattr(reference, "build", build)
+    profile = load_profile(device)
+    image = inputs.resolve_image(None, profile, lambda _line: None)
+    assert asked == [reference.BuildOptions(arch=arch, table=table)]
+    assert image.path.name == reference.image_name(arch, table)
+
+
+def test_an_architecture_without_a_reference_image_names_the_profile_and_the_fix() -> None:
+    from testbed import reference
+
+    with pytest.raises(ConfigError) as err:
+        reference.check_arch("riscv64", "profiles/board.yaml")
+    assert str(err.value).startswith("profiles/board.yaml: arch is riscv64")
+    assert "--image" in str(err.value)

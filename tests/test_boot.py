@@ -116,3 +116,28 @@ def test_transitions_outside_the_table_are_refused() -> None:
         model._enter(BootState.SSH_READY)
     model.on_console_line("BdsDxe: loading")  # a powered-off device shows nothing: ignored
     assert model.boots == [] and model.state == BootState.OFF
+
+
+def test_an_arm64_kernels_efi_stub_and_its_banner_are_one_boot() -> None:
+    """An arm64 kernel's EFI stub says "Booting Linux Kernel..." a second before the kernel's own
+    banner: one boot with one kernel stage, not a reboot (as on the aarch64 console of a run here)."""
+    clock = Clock()
+    model = BootModel("qemu-aarch64", load_profile("qemu-aarch64").console, clock=clock)
+    model.powered_on("cold", 0.0, "tcg")
+    for t, line in (
+        (0.003, "UEFI firmware (version  built at 13:10:49 on Nov  5 2024)"),
+        (5.986, "Welcome to GRUB!"),
+        (6.888, "EFI stub: Booting Linux Kernel..."),
+        (7.969, "[    0.000000] Booting Linux on physical CPU 0x0000000000 [0x410fd083]"),
+        (7.970, "[    0.000000] Linux version 6.1.0-57-cloud-arm64 (debian-kernel@lists.debian.org)"),
+        (20.4, "Welcome to testbed reference OS 1.0.0!"),
+    ):
+        clock.now = t
+        model.on_console_line(line)
+    assert [b.kind for b in model.boots] == ["cold"]
+    assert [s.stage for s in model.boots[0].stages] == ["firmware", "bootloader", "kernel", "userspace"]
+    assert model.kernel_starts == 1
+    # Past its kernel, the banner of a kernel is a new boot (a reset with no firmware lines).
+    clock.now = 40.0
+    model.on_console_line("[    0.000000] Linux version 6.1.0-57-cloud-arm64 (debian-kernel@lists.debian.org)")
+    assert [b.kind for b in model.boots] == ["cold", "reboot"]

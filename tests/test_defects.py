@@ -84,6 +84,42 @@ def bundle_file_removed(path: str) -> Callable[[Path], None]:
     return edit
 
 
+def mbr_entries(edit_slots: Callable[[list[bytes], img.DiskLayout], None]) -> Callable[[Path], None]:
+    """A defect of an MBR table: its four 16-byte primary entries rewritten by ``edit_slots``
+    (given them and the layout read before), written back into sector 0 of the overlay."""
+
+    def edit(overlay: Path) -> None:
+        layout = img.read_layout(overlay)
+        assert layout.table == "dos", f"{overlay} has a {layout.table} table, this defect is of an MBR"
+        with img.open_source(overlay) as src:
+            sector = bytearray(src.read(0, 512))
+        slots = [bytes(sector[446 + 16 * i : 462 + 16 * i]) for i in range(4)]
+        edit_slots(slots, layout)
+        sector[446:510] = b"".join(slots)
+        (overlay.parent / "mbr.bin").write_bytes(sector)
+        done = subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", "write -q -s mbr.bin 0 512", str(overlay)],
+            cwd=overlay.parent, capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0 and "error" not in done.stdout.lower(), done.stdout + done.stderr
+
+    return edit
+
+
+def _swap_roots(slots: list[bytes], _layout: img.DiskLayout) -> None:
+    """resin-rootB in slot 2 (p2) and resin-rootA in slot 3 (p3): the labels out of order."""
+    slots[1], slots[2] = slots[2], slots[1]
+
+
+def _state_as_primary(slots: list[bytes], layout: img.DiskLayout) -> None:
+    """resin-state a primary partition (p4, type 0x83) where the extended container was: as a
+    four-primary table allows, resin-data is then gone."""
+    state = layout.by_label("resin-state")
+    lba, count = state.start // 512, state.size // 512
+    # status, CHS start (unused: LBA), type, CHS end, LBA start, sector count
+    slots[3] = b"\0" + b"\xfe\xff\xff" + b"\x83" + b"\xfe\xff\xff" + lba.to_bytes(4, "little") + count.to_bytes(4, "little")
+
+
 @dataclass
 class Defect:
     edits: list[Callable[[Path], None]]
@@ -91,6 +127,7 @@ class Defect:
     fails: dict[str, str]  # test name -> words its failure message must contain
     profile: dict[str, object] = field(default_factory=dict)  # profile keys to override
     bundle_edits: list[Callable[[Path], None]] = field(default_factory=list)  # on a copy of the update bundle
+    device: str = "qemu-x86_64"  # the profile (its reference image: the profile's table)
 
 
 DEFECTS = {
@@ -116,9 +153,31 @@ DEFECTS = {
         run=["suites/layout", "-k", "not running and not mounts"],
         fails={
             "test_labels_in_order": "resin-dota",
+            "test_partition_numbers": "resin-data is missing, expected as partition 5",
             "test_filesystem_types": "resin-data",
             "test_sizes_within_profile_bounds": "resin-data",
         },
+    ),
+    # A Raspberry Pi's MBR layout (resin-state and resin-data logical, p5 and p6), broken two ways.
+    "mbr-labels-out-of-order": Defect(
+        edits=[mbr_entries(_swap_roots)],
+        run=["suites/layout", "-k", "not running and not mounts"],
+        fails={
+            "test_labels_in_order": "'resin-boot', 'resin-rootB', 'resin-rootA'",
+            "test_partition_numbers": "resin-rootA is partition 3",
+        },
+        device="qemu-x86_64-mbr",
+    ),
+    "mbr-state-a-primary-partition": Defect(
+        edits=[mbr_entries(_state_as_primary)],
+        run=["suites/layout", "-k", "not running and not mounts"],
+        fails={
+            "test_labels_in_order": "found ['resin-boot', 'resin-rootA', 'resin-rootB', 'resin-state']",
+            "test_partition_numbers": "resin-state is partition 4 (a primary partition), expected 5",
+            "test_filesystem_types": "resin-data",
+            "test_sizes_within_profile_bounds": "resin-data",
+        },
+        device="qemu-x86_64-mbr",
     ),
     "sshd-on-another-port": Defect(
         edits=[root_file("/etc/ssh/sshd_config.d/10-testbed.conf", "Port 22222", "Port 2222")],
@@ -280,13 +339,13 @@ def reference_image() -> Path:
     return reference.build()
 
 
-def _profile_with(tmp_path: Path, timeouts: dict[str, object]) -> Path:
+def _profile_with(tmp_path: Path, device: str, timeouts: dict[str, object]) -> Path:
     import yaml
 
-    data = yaml.safe_load((REPO / "device_profiles" / "qemu-x86_64.yaml").read_text())
-    data["name"] = "qemu-x86_64-defect"
+    data = yaml.safe_load((REPO / "device_profiles" / f"{device}.yaml").read_text())
+    data["name"] = f"{device}-defect"
     data["timeouts"].update(timeouts)
-    path = tmp_path / "qemu-x86_64-defect.yaml"
+    path = tmp_path / f"{device}-defect.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -298,13 +357,18 @@ def test_suite_fails_the_check_that_matches_the_defect(name: str, reference_imag
 
 def check_defect(defect: Defect, name: str, reference_image: Path, tmp_path: Path) -> None:
     """Run the defect's suites on an overlay with its edits; its checks fail by name, the rest pass."""
+    if defect.device != "qemu-x86_64":
+        from testbed.profile import load_profile
+
+        table = "mbr" if load_profile(defect.device).layout.table == "dos" else "gpt"
+        reference_image = reference.build(reference.BuildOptions(table=table))
     overlay = tmp_path / f"{name}.qcow2"
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(reference_image), str(overlay)], check=True
     )
     for edit in defect.edits:
         edit(overlay)
-    device = str(_profile_with(tmp_path, defect.profile)) if defect.profile else "qemu-x86_64"
+    device = str(_profile_with(tmp_path, defect.device, defect.profile)) if defect.profile else defect.device
     extra: list[str] = []
     if "suites/hup" in defect.run:
         bundle = reference.build_bundle()

@@ -20,6 +20,7 @@ from testbed.errors import ConfigError, InfraError
 from testbed.flash import DRIVERS, BlockDeviceFlasher, Flasher, UsbSdMuxFlasher, make_flasher, write_image
 from testbed.flash.blockdev import image_format, xz_uncompressed_size
 from testbed.flash.disks import check_target, host_disks, parse_mountinfo, sysfs_dir
+from testbed.image import read_layout
 
 MiB = 1 << 20
 
@@ -450,3 +451,30 @@ def test_make_flasher_spec_errors(spec, expected):
         make_flasher(spec)
     assert expected in str(err.value)
     assert set(DRIVERS) == {"blockdev", "usbsdmux"}
+
+
+def test_an_mbr_image_with_logical_partitions_is_flashed_whole(loop_factory, tmp_path):
+    """A Raspberry Pi's layout (p1-p3 primaries, p4 the extended container, p5 and p6 logical): after
+    the write, the block device's own table reads back with the same partitions where the image has
+    them, the EBR chain of the logical ones included."""
+    image = tmp_path / "rpi.img"
+    image.write_bytes(b"")
+    os.truncate(image, 16 * MiB)
+    subprocess.run(
+        ["sfdisk", "-q", str(image)],
+        input="label: dos\nsize=2MiB, type=c, bootable\nsize=3MiB, type=83\nsize=3MiB, type=83\n"
+        "type=5\nsize=2MiB, type=83\ntype=83\n",
+        text=True, check=True, timeout=30,
+    )  # fmt: skip
+    layout = read_layout(image)
+    assert [p.index for p in layout.partitions] == [1, 2, 3, 5, 6]
+    dev, _backing = loop_factory(16 * MiB)
+    assert write_image(image, Path(dev)).verified
+    shown = subprocess.run(
+        ["partx", "--show", "--noheadings", "-o", "NR,START,SECTORS", dev],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.split("\n")  # fmt: skip
+    rows = {int(nr): (int(start), int(sectors)) for nr, start, sectors in (r.split() for r in shown if r.strip())}
+    assert set(rows) == {1, 2, 3, 4, 5, 6}  # partx lists the extended container as p4
+    for part in layout.partitions:
+        assert rows[part.index] == (part.start // 512, part.size // 512), part.describe()

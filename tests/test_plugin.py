@@ -375,19 +375,6 @@ def test_run_without_testbed_fixtures_writes_no_report(pytester: pytest.Pytester
     assert not (pytester.path / "reports").exists()
 
 
-def test_an_architecture_the_reference_image_does_not_boot_is_exit_4(pytester: pytest.Pytester) -> None:
-    """Without --image, a profile of another architecture is refused before any build or boot
-    (the reference image is x86_64): it must not quietly boot the x86_64 image."""
-    text = (PROFILES / f"{DEVICE}.yaml").read_text()
-    assert "arch: x86_64" in text
-    profile = pytester.path / "profiles" / "arm.yaml"
-    profile.parent.mkdir()
-    profile.write_text(text.replace("arch: x86_64", "arch: aarch64").replace("name: qemu-x86_64", "name: arm"))
-
-    result = run_checks(pytester, PASSING, "--device", str(profile))
-    assert_usage_error(pytester, result, str(profile), "arch is aarch64", "--image")
-
-
 def test_keep_on_failure_is_refused_under_ci(
     pytester: pytest.Pytester, image: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -231,7 +231,7 @@ def test_verify_with_a_silent_module_says_to_turn_it_off(emulator):
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ({}, "power: missing key 'driver'; set it to one of: command, gpio, hid-relay, manual, serial-relay"),
+        ({}, "power: missing key 'driver'; set it to one of: command, gpio, hid-relay, labgrid-network, manual, serial-relay"),
         ({"driver": "serial_relay"}, "unknown driver 'serial_relay' (did you mean 'serial-relay'?)"),
         (
             {"driver": "serial-relay", "port": "/dev/ttyUSB0", "chanel": 1},
@@ -280,6 +280,7 @@ def test_make_power_builds_each_driver():
         "gpio": {"line": "RELAY_1", "chip": "gpiochip1", "active_low": True},
         "command": {"on_command": "pdu on 3", "off_command": ["pdu", "off", "3"]},
         "manual": {"board": "rpi4-lab2"},
+        "labgrid-network": {"model": "simplerest", "host": "http://127.0.0.1:9/relay/{index}/{value}", "index": 1},
     }
     assert set(specs) == set(DRIVERS)
     for name, keys in specs.items():

@@ -58,6 +58,29 @@ def test_labels_in_order(layout: img.DiskLayout, device_profile: Profile, offlin
     assert found == expected, f"expected partitions labelled {expected} in this order, found {found}"
 
 
+def test_partition_numbers(layout: img.DiskLayout, device_profile: Profile, offline_evidence: OfflineEvidence) -> None:
+    """Each label at the number the profile gives it: on an MBR (a Raspberry Pi's layout) this is
+    what says resin-state and resin-data are logical partitions in the extended container, p5
+    and p6, not primaries, and that the roots are p2 and p3 as the bootloader expects."""
+    numbered = [spec for spec in device_profile.layout.partitions if spec.number is not None]
+    if not numbered:
+        pytest.skip(f"{device_profile.source} gives no partition numbers (layout.partitions[].number)")
+    offline_evidence("read partition numbers from the image", _table(layout))
+    wrong = []
+    for spec in numbered:
+        try:
+            part = layout.by_label(spec.label)
+        except img.MissingPartitionError:
+            wrong.append(f"{spec.label} is missing, expected as partition {spec.number}")
+            continue
+        if part.index != spec.number:
+            kind = ""
+            if layout.table == "dos":
+                kind = " (a logical partition)" if part.index >= 5 else " (a primary partition)"
+            wrong.append(f"{spec.label} is partition {part.index}{kind}, expected {spec.number}")
+    assert not wrong, "; ".join(wrong)
+
+
 def test_filesystem_types(layout: img.DiskLayout, device_profile: Profile, offline_evidence: OfflineEvidence) -> None:
     offline_evidence("read filesystem superblocks from the image", _table(layout))
     wrong = []
