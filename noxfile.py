@@ -19,7 +19,8 @@ def tests(session: nox.Session) -> None:
     # compiler, so where PyPI has no gpiod wheel for this Python its one test says so and skips.
     _install(session, "-e", ".[farm]", "zstandard", "hidapi", "usbsdmux")
     session.install("--only-binary=:all:", "gpiod>=2", success_codes=[0, 1])
-    session.run("pytest", "tests", *session.posargs)
+    # The slowest tests are listed at the end: where the CI budget goes.
+    session.run("pytest", "tests", "--durations=25", *session.posargs)
 
 
 @nox.session

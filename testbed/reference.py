@@ -804,7 +804,6 @@ class _DiskBuilder:
                 src.unlink()
         return layout
 
-
     def _assemble_mbr(self, image: Path, sizes: dict[str, int], filesystems: dict[str, Path]) -> list[_LaidOut]:
         """A Raspberry Pi's MBR: resin-boot p1 (FAT32, bootable), resin-rootA p2, resin-rootB p3,
         an extended container p4, resin-state p5 and resin-data p6 (logical, each after its own
@@ -948,7 +947,9 @@ class _Builder:
         for name in ("packages.txt", "hooks/essential.sh"):
             digest.update(name.encode() + b"\0" + (self.recipe / name).read_bytes() + b"\0")
         digest.update(inspect.getsource(_Builder._bootstrap).encode())
-        digest.update(json.dumps([SUITE, self.spec.debian, APT_SOURCES, DPKG_EXCLUDES, self.spec.extra_packages]).encode())
+        digest.update(
+            json.dumps([SUITE, self.spec.debian, APT_SOURCES, DPKG_EXCLUDES, self.spec.extra_packages]).encode()
+        )
         return digest.hexdigest()[:24]
 
     def _base(self) -> Path:

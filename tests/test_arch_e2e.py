@@ -19,8 +19,6 @@ from tests.conftest import require_tools
 REPO = Path(__file__).resolve().parent.parent
 
 
-
-
 def _run(device: str, reports: Path, *suites: str, timeout: float = 2400) -> dict:
     done = subprocess.run(
         [sys.executable, "-m", "pytest", *suites, "--device", device, "--report-dir", str(reports), "-q"],

@@ -117,7 +117,9 @@ def _state_as_primary(slots: list[bytes], layout: img.DiskLayout) -> None:
     state = layout.by_label("resin-state")
     lba, count = state.start // 512, state.size // 512
     # status, CHS start (unused: LBA), type, CHS end, LBA start, sector count
-    slots[3] = b"\0" + b"\xfe\xff\xff" + b"\x83" + b"\xfe\xff\xff" + lba.to_bytes(4, "little") + count.to_bytes(4, "little")
+    slots[3] = (
+        b"\0" + b"\xfe\xff\xff" + b"\x83" + b"\xfe\xff\xff" + lba.to_bytes(4, "little") + count.to_bytes(4, "little")
+    )
 
 
 @dataclass

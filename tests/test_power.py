@@ -231,7 +231,10 @@ def test_verify_with_a_silent_module_says_to_turn_it_off(emulator):
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ({}, "power: missing key 'driver'; set it to one of: command, gpio, hid-relay, labgrid-network, manual, serial-relay"),
+        (
+            {},
+            "power: missing key 'driver'; set it to one of: command, gpio, hid-relay, labgrid-network, manual, serial-relay",
+        ),
         ({"driver": "serial_relay"}, "unknown driver 'serial_relay' (did you mean 'serial-relay'?)"),
         (
             {"driver": "serial-relay", "port": "/dev/ttyUSB0", "chanel": 1},
