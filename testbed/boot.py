@@ -201,6 +201,8 @@ class BootModel:
         self.clock = clock
         self.detector = BootDetector(settings)
         self.listener = listener
+        # Hear every event, "off" and "restore" included (the boot slot: testbed.bootcontrol).
+        self.watchers: list[Callable[[str], None]] = []
         self.state = BootState.OFF
         self.boots: list[BootRecord] = []
         self.kernel_starts = 0  # boots that reached their kernel, over all boots
@@ -243,6 +245,7 @@ class BootModel:
         """A snapshot is being loaded: a boot of kind "restore"."""
         record = self._start("restore", BootState.RESTORING)
         record.add("restore", at_s=0.0)
+        self._notify("restore")
         return record
 
     def waiting(self) -> BootRecord:
@@ -271,6 +274,7 @@ class BootModel:
             self._enter(BootState.OFF)
             if self.boots:
                 self.boots[-1].end(why)
+        self._notify("off")
 
     @property
     def current(self) -> BootRecord | None:
@@ -332,3 +336,8 @@ class BootModel:
     def _tell(self, stage: str, seconds: float | None, detail: str) -> None:
         if self.listener is not None:
             self.listener(stage, seconds, detail)
+        self._notify(stage)
+
+    def _notify(self, event: str) -> None:
+        for watcher in list(self.watchers):
+            watcher(event)

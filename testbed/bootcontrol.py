@@ -7,10 +7,13 @@ from the profile, and its error carries the last console lines.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from testbed import budget
 from testbed.boot import BootModel, BootRecord
 from testbed.console import Console
 from testbed.errors import DutError, InfraError
@@ -36,6 +39,60 @@ class BootControl:
         self.model = model
         c = dut.profile.console
         self._restart_expect = f"{c.restart_pattern}|{c.firmware_pattern}|{c.kernel_pattern}"
+        self._slot: budget.Slot | None = None
+        model.watchers.append(self._on_boot_event)
+
+    # -- the host's boot slots (testbed.budget) ----------------------------------------------
+    def _take_slot(self, why: str) -> None:
+        """Hold one of the host's boot slots for the boot about to start (a guest of this host);
+        wait, saying so, while every slot is held by another booting guest."""
+        machine = self.dut.machine
+        if self._slot is not None or not machine.boots_on_this_host:
+            return
+        settings = getattr(machine, "settings", None)
+        slots = budget.boot_slots(machine.accel, getattr(settings, "cpus", 2))
+        who = f"{self.dut.name} ({why})"
+        try:
+            slot = budget.acquire(who, slots, 0)
+        except InfraError:
+            t = self.dut.profile.timeouts
+            with self.dut.step(f"waiting for a boot slot: the host's {slots} are all booting guests"):
+                slot = budget.acquire(who, slots, t.boot_to_login + t.boot_to_ssh)
+        if slot is None:
+            return
+        self._slot = slot
+        threading.Thread(target=self._release_when_ssh_answers, args=(slot,), name=f"slot {who}", daemon=True).start()
+
+    def release_slot(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
+
+    def _on_boot_event(self, event: str) -> None:
+        # The boot's heavy part is over at the login prompt or SSH; a restore or power off ends it.
+        if event in ("login", "ssh ready", "restore", "off"):
+            self.release_slot()
+
+    def _release_when_ssh_answers(self, slot: budget.Slot) -> None:
+        """Give the slot back once sshd greets (a boot nobody waits for yet, or one without a
+        serial getty, as in production mode, must not keep its slot), at the latest after
+        ``timeouts.boot_to_ssh``."""
+        deadline = time.monotonic() + self.dut.profile.timeouts.boot_to_ssh
+        wake = threading.Event()
+        while slot.fd is not None and time.monotonic() < deadline:
+            try:
+                host, port = self.dut.endpoint("ssh")
+                with socket.create_connection((host, port), timeout=2) as sock:
+                    sock.settimeout(2)
+                    if sock.recv(4).startswith(b"SSH-"):
+                        break
+            except Exception:  # noqa: BLE001 - not up yet, or no endpoint yet: the deadline holds
+                pass
+            wake.wait(0.5)
+        if self._slot is slot:
+            self.release_slot()
+        else:
+            slot.release()
 
     # -- faults ------------------------------------------------------------------------
     def abort_if_dead(self) -> None:
@@ -95,6 +152,7 @@ class BootControl:
         """Power on; with ``wait``, until SSH answers (the other options as for ``wait``)."""
         self.dut.provision()
         machine = self.dut.machine
+        self._take_slot(f"power on, {kind}")
         with self.dut.step(f"power on ({kind})"):
             console = machine.power_on()
         record = self.model.powered_on(kind, machine.powered_on_at, machine.accel)
@@ -131,6 +189,7 @@ class BootControl:
         if console is None:
             raise InfraError(f"{self.dut.name} is off: it cannot be rebooted")
         console.drain()
+        self._take_slot("reboot")
         with self.dut.step("reboot (asked of the OS)"):
             self.dut.ssh.run(REBOOT_COMMAND, 30)
             self.dut.ssh.close()

@@ -488,9 +488,12 @@ class Console:
             # One line so it is one round trip: a known prompt, no echo, no bracketed paste, and
             # only the kernel's warnings and worse between command output (they are the trouble
             # testbed/trouble.py watches for; the chatter below them would garble commands).
+            # The two functions print a command's markers (see run): each command then costs a
+            # few bytes more than itself, and every byte of a UART is an interrupt of the guest.
             self.sendline(
                 "export PS1='TB-SH''# ' PS2='' TERM=dumb; stty -echo; bind 'set enable-bracketed-paste off' 2>/dev/null;"
-                " dmesg -n 5 2>/dev/null; unset PROMPT_COMMAND"
+                " dmesg -n 5 2>/dev/null; _tbB() { printf '@@TB%sB\\n' \"$1\"; };"
+                ' _tbE() { printf \'\\n@@TB%sE:%s\\n\' "$1" "$2"; }; unset PROMPT_COMMAND'
             )
             self.expect(re.escape(SHELL_PROMPT), timeout, "the prepared shell prompt")
             self.logged_in = True
@@ -504,10 +507,11 @@ class Console:
             begin, end = f"@@TB{n}B", f"@@TB{n}E"
             started, t0 = utcnow(), time.monotonic()
             self.drain()
-            # The markers are printed by printf so that an echoed command line never matches.
-            # One compound command, so no prompt is printed inside the output; the end marker
-            # starts on a new line of its own, so output without a final newline stays exact.
-            self.sendline(f"printf '%s\\n' '@@TB{n}''B'; {{ {command}\n}}; printf '\\n%s:%s\\n' '@@TB{n}''E' $?")
+            # The markers are printed by the functions login defined, so that an echoed command
+            # line never matches. One compound command, so no prompt is printed inside the
+            # output; the end marker starts on a new line of its own, so output without a final
+            # newline stays exact.
+            self.sendline(f"_tbB {n};{{ {command}\n}};_tbE {n} $?")
             self.expect(re.escape(begin) + r"\r?\n", timeout, f"the start of `{command}`")
             self.expect(r"\r?\n" + re.escape(end) + r":(\d+)\r?\n", timeout, f"`{command}` to finish")
             duration = time.monotonic() - t0

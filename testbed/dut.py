@@ -509,6 +509,7 @@ class DUT:
 
     def close(self) -> None:
         self.ssh.close()
+        self.boot.release_slot()
         self.machine.close()
         self.console_log.close()
         if self.state != BootState.OFF:

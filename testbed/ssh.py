@@ -7,7 +7,10 @@ import errno
 import hashlib
 import logging
 import os
+import re
+import secrets
 import select
+import shlex
 import socket
 import threading
 import time
@@ -65,6 +68,8 @@ class SshClient:
         self.transport: paramiko.Transport | None = None
         self.auth_method = ""
         self._idle = threading.Event()  # never set: paces SSH probes when all were refused
+        self._shell: _Shell | None = None
+        self._shell_lock = threading.Lock()
 
     # -- connection --------------------------------------------------------------------
     def connected(self) -> bool:
@@ -247,6 +252,9 @@ class SshClient:
         return time.monotonic() - t0
 
     def close(self) -> None:
+        shell, self._shell = self._shell, None
+        if shell is not None:
+            shell.close()
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -255,11 +263,54 @@ class SshClient:
     def run(self, command: str, timeout: float, stdin: BinaryIO | None = None) -> CommandResult:
         """Run one command; return exit code, stdout, stderr. Output is read as it comes.
 
-        ``stdin``, if given, is streamed to the command (then end of file) before its output is
-        collected: for uploads (``cat > file``) without SFTP's round trips.
+        A command runs in a subshell of one long-lived shell on its own channel (``_Shell``):
+        under an emulated CPU, sshd's new session and shell for every command cost most of a
+        command's round trip. A command given ``stdin``, or one run while another is running
+        (another thread), gets a channel of its own as before. ``stdin``, if given, is streamed
+        to the command (then end of file) before its output is collected: for uploads
+        (``cat > file``) without SFTP's round trips.
         """
         if not self.connected():
             raise InfraError(f"SSH to {self.host}:{self.port} is not connected")
+        assert self.transport is not None
+        if stdin is None and self._shell_lock.acquire(blocking=False):
+            try:
+                return self._run_in_shell(command, timeout)
+            finally:
+                self._shell_lock.release()
+        return self._run_on_channel(command, timeout, stdin)
+
+    def _run_in_shell(self, command: str, timeout: float) -> CommandResult:
+        assert self.transport is not None
+        started, t0 = utcnow(), time.monotonic()
+        shell = self._shell
+        if shell is None or not shell.alive():
+            try:
+                shell = self._shell = _Shell(self.transport, timeout)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise InfraError(f"SSH channel to {self.host}:{self.port} failed: {exc}") from None
+        try:
+            code, out, err = shell.run(command, t0 + timeout)
+        except _ShellTimeout as exc:
+            self._shell = None
+            shell.close()  # the shell is busy with the command: the next one gets a new shell
+            raise DutError(
+                f"`{command}` did not finish within {timeout:g}s over SSH; output so far:\n{exc.output[-2000:]}"
+            ) from None
+        except _ShellEnded as exc:
+            self._shell = None
+            shell.close()
+            if not self.transport.is_active():
+                raise InfraError(f"SSH connection to {self.host}:{self.port} dropped during `{command}`") from None
+            raise DutError(
+                f"the shell running `{command}` over SSH ended before it did; output:\n{exc.output[-2000:]}"
+            ) from None
+        return CommandResult(
+            command=command, exit_code=code, stdout=out, stderr=err, started=started,
+            duration_s=time.monotonic() - t0, transport="ssh",
+        )  # fmt: skip
+
+    def _run_on_channel(self, command: str, timeout: float, stdin: BinaryIO | None) -> CommandResult:
         assert self.transport is not None
         started, t0 = utcnow(), time.monotonic()
         try:
@@ -324,3 +375,79 @@ class SshClient:
         with paramiko.SFTPClient.from_transport(self.transport) as sftp:  # type: ignore[union-attr]
             with sftp.open(remote_path, "rb") as fh:
                 return bytes(fh.read())
+
+
+class _ShellTimeout(Exception):
+    def __init__(self, output: str) -> None:
+        self.output = output
+
+
+class _ShellEnded(Exception):
+    def __init__(self, output: str) -> None:
+        self.output = output
+
+
+class _Shell:
+    """The user's shell on one session channel (``exec $SHELL -s``), reading commands from its
+    standard input. Each command is sent as ``( eval 'COMMAND' ) </dev/null`` followed by end
+    markers on stdout (with the exit code) and stderr: the subshell keeps ``exit``, ``cd`` and
+    variables from reaching the next command, ``eval`` of a quoted string keeps a command's
+    syntax error its own (exit 2), and /dev/null keeps it from reading the next command. Each
+    marker starts on a line of its own and carries a token of this shell, so output without a
+    final newline stays exact and no output can pass for a marker.
+    """
+
+    def __init__(self, transport: paramiko.Transport, timeout: float) -> None:
+        self.chan = transport.open_session(timeout=timeout)
+        self.chan.exec_command('exec "${SHELL:-/bin/sh}" -s')
+        self.token = "@@TBSH" + secrets.token_hex(6)
+        self.n = 0
+        self._out = bytearray()
+        self._err = bytearray()
+
+    def alive(self) -> bool:
+        return not self.chan.closed and not self.chan.exit_status_ready()
+
+    def run(self, command: str, deadline: float) -> tuple[int, str, str]:
+        self.n += 1
+        mark = f"{self.token}E{self.n}"
+        self.chan.sendall(
+            f"( eval {shlex.quote(command)} ) </dev/null; printf '\\n%s:%s\\n' {mark} $?; printf '\\n%s\\n' {mark} >&2\n".encode()
+        )
+        out_end = re.compile(rb"\n" + mark.encode() + rb":(\d+)\n")
+        err_end = b"\n" + mark.encode() + b"\n"
+        code: int | None = None
+        err_at = -1
+        # Where the markers are looked for: the tail of what came (a big output is not
+        # searched again from its start at every read).
+        out_scan = err_scan = 0
+        back = len(mark) + 24
+        while code is None or err_at < 0:
+            while self.chan.recv_ready():
+                self._out.extend(self.chan.recv(65536))
+            while self.chan.recv_stderr_ready():
+                self._err.extend(self.chan.recv_stderr(65536))
+            if code is None:
+                if found := out_end.search(self._out, out_scan):
+                    code = int(found.group(1))
+                    out, self._out = bytes(self._out[: found.start()]), self._out[found.end() :]
+                else:
+                    out_scan = max(0, len(self._out) - back)
+            if err_at < 0:
+                if (at := self._err.find(err_end, err_scan)) >= 0:
+                    err_at = at
+                    err, self._err = bytes(self._err[:at]), self._err[at + len(err_end) :]
+                else:
+                    err_scan = max(0, len(self._err) - back)
+            if code is not None and err_at >= 0:
+                break
+            if self.chan.closed or self.chan.eof_received:
+                raise _ShellEnded(self._out.decode(errors="replace"))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _ShellTimeout(self._out.decode(errors="replace"))
+            select.select([self.chan], [], [], remaining)
+        return code, out.decode(errors="replace"), err.decode(errors="replace")
+
+    def close(self) -> None:
+        self.chan.close()

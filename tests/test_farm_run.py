@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+from testbed.budget import cpu_budget
 from testbed.farm.coordinator import PlaceInfo
 from testbed.farm.health import stale
 from testbed.farm.keeper import candidates, lease_expired
-from testbed.farm.run import Attempt, FarmRun, cpu_budget, load_farm
+from testbed.farm.run import Attempt, FarmRun, load_farm
 from testbed.report import EXIT_FAILED, EXIT_INFRA, EXIT_PASSED, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parent.parent

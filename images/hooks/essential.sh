@@ -9,3 +9,10 @@ root="$1"
 chroot "${root}" dpkg-divert --quiet --local --rename \
 	--divert /usr/sbin/update-initramfs.testbed --add /usr/sbin/update-initramfs
 ln -sf /bin/true "${root}/usr/sbin/update-initramfs"
+# openssh-server's postinst generates host keys unless they exist, which takes most of a minute
+# under an emulated CPU (an arm64 build); customize.sh deletes these placeholders, and the
+# device makes its keys on first boot.
+mkdir -p "${root}/etc/ssh"
+for key in rsa ecdsa ed25519; do
+	: >"${root}/etc/ssh/ssh_host_${key}_key"
+done

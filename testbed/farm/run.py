@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from testbed.budget import cpu_budget
 from testbed.errors import ConfigError
 from testbed.report import EXIT_FAILED, EXIT_INFRA, EXIT_PASSED, EXIT_USAGE
 
@@ -106,16 +107,6 @@ def load_farm(path: Path) -> FarmSpec:
                 known = ", ".join(sorted(p.name for p in SUITES.iterdir() if p.is_dir() and not p.name.startswith("_")))
                 raise ConfigError(f"{path}: job {job.name}: unknown suite '{suite}' (suites: {known})")
     return spec
-
-
-def cpu_budget(host_cores: int | None = None, kvm: bool = False, guest_cpus: int = 2) -> int:
-    """How many QEMU guests run side by side without slowing each other: under TCG a booting
-    guest keeps about one host core busy whatever its vCPUs (two cores carried two guests
-    here; a third slowed every guest 4x), under KVM its vCPUs are the cost."""
-    cores = host_cores or os.cpu_count() or 1
-    if kvm:
-        return max(1, cores // max(1, guest_cpus))
-    return max(1, cores)
 
 
 @dataclass

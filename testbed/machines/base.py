@@ -99,10 +99,13 @@ class Machine(Protocol):
     ``console_is_evidence`` says whether a silent console by ``timeouts.boot_to_login`` is
     the lab's fault (a board: power, wiring, an unwritten card); a virtual machine's faults
     show as the machine dying instead, and an image may keep its kernel off the console.
+    ``boots_on_this_host`` says whether its boots take this host's CPU (a QEMU guest: each boot
+    holds one of the host's boot slots, ``testbed.budget``) or a board's own.
     """
 
     kind: ClassVar[str]
     console_is_evidence: ClassVar[bool]
+    boots_on_this_host: ClassVar[bool]
     prepared: bool
     overlay: Path
     accel: str

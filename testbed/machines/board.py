@@ -73,6 +73,7 @@ class BoardMachine:
 
     kind: ClassVar[str] = "board"
     console_is_evidence: ClassVar[bool] = True
+    boots_on_this_host: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from testbed import budget
 from testbed.console import Console, ConsoleLog
 from testbed.errors import ConfigError, InfraError
 from testbed.machines.base import Capabilities, Machine, MachineEvents
@@ -231,6 +232,7 @@ class QemuMachine:
 
     kind: ClassVar[str] = "qemu"
     console_is_evidence: ClassVar[bool] = False
+    boots_on_this_host: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -480,6 +482,7 @@ class QemuMachine:
             "firmware": str(self.settings.firmware.code),
             "memory_mib": self.settings.memory_mib,
             "cpus": self.settings.cpus,
+            "boot_slots": budget.describe(self.accel, self.settings.cpus),
         }
 
     def close(self) -> None:

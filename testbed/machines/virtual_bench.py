@@ -36,7 +36,7 @@ import termios
 import threading
 import tty
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from testbed.console import ConsoleLog
 from testbed.errors import ConfigError, InfraError
@@ -449,6 +449,8 @@ class VirtualBench:
 class VirtualBoardMachine(BoardMachine):
     """A board on the virtual bench: the Board machine's code over the bench's pty adapter,
     relay emulator and loop disk; sshd and the engine behind the bench's port forwards."""
+
+    boots_on_this_host: ClassVar[bool] = True  # the bench's board is a QEMU guest of this host
 
     def __init__(self, profile: Profile, image: Path, console_log: ConsoleLog, image_format: str = "raw") -> None:
         self.bench = VirtualBench(profile)
