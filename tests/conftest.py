@@ -12,10 +12,29 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+_REPORTS: list[Path] = []
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # The project's tests keep their device reports out of the repository's reports/.
     if config.getoption("--report-dir", default="reports") == "reports":
         config.option.report_dir = tempfile.mkdtemp(prefix="testbed-test-reports-")
+        _REPORTS.append(Path(config.option.report_dir))
+
+
+_FAILED: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _FAILED.append(session.testsfailed)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Kept for a look when a test failed (the terminal names it), else nothing stays in /tmp.
+    for path in _REPORTS:
+        if not any(_FAILED) or not path.is_dir() or not any(path.iterdir()):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def require_tools(*tools: str) -> None:
