@@ -96,7 +96,12 @@ def test_the_run_refuses_it_before_any_boot_in_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("device", "arch", "table"),
-    [("qemu-x86_64", "x86_64", "gpt"), ("qemu-aarch64", "aarch64", "gpt"), ("qemu-x86_64-mbr", "x86_64", "mbr")],
+    [
+        ("qemu-x86_64", "x86_64", "gpt"),
+        ("qemu-aarch64", "aarch64", "gpt"),
+        ("qemu-x86_64-mbr", "x86_64", "mbr"),
+        ("qemu-aarch64-mbr", "aarch64", "mbr"),
+    ],
 )
 def test_without_image_the_reference_image_of_the_profiles_arch_and_table_is_used(
     device: str, arch: str, table: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
