@@ -17,6 +17,9 @@ split into its stages (firmware, bootloader, kernel, userspace), snapshot restor
 ``--arch-suites`` one OS-suite run (development mode, the hup suite aside), each as a ratio;
 ``--cpu-models cortex-a72,cortex-a57,max`` adds a cold boot of the aarch64 guest per CPU model.
 
+With ``--slots 1,2,3`` it boots ``--guests`` devices at once under each boot budget
+(``TESTBED_BOOT_SLOTS``) and prints the time until all answer SSH, and each guest's boot.
+
 With ``--certify`` it prints only the certification figures: ``python -m testbed certify`` from an
 empty warm store, the same command again (warm devices), and ``suites/smoke`` warm, each with the
 boots and snapshot restores it cost.
@@ -196,7 +199,12 @@ def main() -> None:
     ap.add_argument("--arch", action="store_true", help="aarch64 next to x86_64: boot, its stages, restore")
     ap.add_argument("--arch-suites", action="store_true", help="with --arch: one OS-suite run on each")
     ap.add_argument("--cpu-models", default="", help="with --arch: aarch64 CPU models to boot, comma-separated")
+    ap.add_argument("--slots", default="", help="boot budgets to compare, comma-separated (e.g. 1,2,3)")
+    ap.add_argument("--guests", type=int, default=3, help="with --slots: devices powered on at once")
     args = ap.parse_args()
+    if args.slots:
+        slots_figures(args.device, args.image, [int(n) for n in args.slots.split(",")], args.guests)
+        return
     if args.arch:
         arch_figures(args.arch_suites, [m for m in args.cpu_models.split(",") if m])
         return
@@ -294,6 +302,41 @@ def arch_figures(suites: bool, cpu_models: list[str]) -> None:
         fig = _one_device(profile, images["aarch64"])
         parts = ", ".join(f"{n} {fig[n]:.1f}" for n in STAGES[:-1] if n in fig)
         print(f"aarch64 -cpu {model:12} cold boot to SSH {fig['boot']:6.1f} s ({parts})", flush=True)
+
+
+def slots_figures(device: str, image: Path | None, settings: list[int], guests: int) -> None:
+    """``guests`` devices powered on at once, under each boot budget in ``settings``."""
+    profile = load_profile(device)
+    image = (image or reference.build(log=lambda _l: None)).resolve()
+    print(f"{guests} guests of {device} powered on at once, {os.cpu_count()} host cores")
+    for slots in settings:
+        os.environ["TESTBED_BOOT_SLOTS"] = str(slots)
+        work = Path(tempfile.mkdtemp(prefix="bench-slots-"))
+        duts = [open_dut(profile, image, "raw", work / f"console-{i}.log", name=f"guest{i}") for i in range(guests)]
+        boots: list[float] = []
+        errors: list[str] = []
+
+        def one(dut, boots: list[float], errors: list[str]) -> None:
+            try:
+                record = dut.power_on()
+                boots.append(record.ssh_ready_s if record and record.ssh_ready_s else 0.0)
+            except (DutError, InfraError) as exc:
+                errors.append(str(exc).splitlines()[0])
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=one, args=(d, boots, errors)) for d in duts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.monotonic() - t0
+        for d in duts:
+            d.close()
+        shutil.rmtree(work, ignore_errors=True)
+        each = ", ".join(f"{b:.0f}" for b in sorted(boots))
+        print(f"budget {slots}: all {guests} ready in {wall:6.1f} s; each boot to SSH (s): {each}"
+              + (f"; errors: {errors}" if errors else ""), flush=True)  # fmt: skip
+    os.environ.pop("TESTBED_BOOT_SLOTS", None)
 
 
 def _boots(report_dir: Path) -> tuple[int, int]:
