@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from testbed import budget
-from testbed.boot import BootModel, BootRecord, BootState
+from testbed.boot import BootModel, BootRecord
 from testbed.console import Console
 from testbed.errors import DutError, InfraError
 
@@ -79,13 +79,7 @@ class BootControl:
         ``timeouts.boot_to_ssh``."""
         deadline = time.monotonic() + self.dut.profile.timeouts.boot_to_ssh
         wake = threading.Event()
-        gate = self._network_gate(time.monotonic())
         while slot.fd is not None and time.monotonic() < deadline:
-            # The old boot of a reboot still up (its sshd is not the new one's), or the NIC not
-            # up yet (no probe costs the booting guest anything before it can answer).
-            if self.model.state in (BootState.SSH_READY, BootState.REBOOTING) or (gate is not None and gate()):
-                wake.wait(0.5)
-                continue
             try:
                 host, port = self.dut.endpoint("ssh")
                 with socket.create_connection((host, port), timeout=2) as sock:
