@@ -6,7 +6,10 @@ Prints: cold boot to SSH ready (testbed vs QEMU started by hand + first successf
 snapshot restore to ready, and per-command round trips over SSH (vs raw paramiko) and over
 the serial console (vs raw pexpect), and a reboot to SSH ready with QEMU restarted on the reset
 (testbed's default) vs the machine reset in place (``qemu.reset: warm``). Ratios, not absolute
-times, are what to compare.
+times, are what to compare. The reference image's cold boot is also set beside a minimal Debian's
+(``python -m testbed.reference --variant minimal``: minbase, systemd, udev, openssh-server, the
+same kernel, bootloader and firmware; built once and cached), both through testbed and both by
+hand, with each boot's stages.
 
 With ``--suites`` it also times whole suite runs, in the same run: the OS suites in both modes
 (issue target 5 min) and the hup suite with 5 power-cut trials (target 6 min), each also as a
@@ -63,8 +66,9 @@ def _exec(transport: paramiko.Transport, command: str) -> int:
     return code
 
 
-def raw_qemu(profile, image: Path, accel: str, rounds: int) -> dict[str, float]:
-    """QEMU as a person would start it, then paramiko and pexpect used directly."""
+def raw_qemu(profile, image: Path, accel: str, rounds: int, serial: bool = True) -> dict[str, float]:
+    """QEMU as a person would start it, then paramiko and pexpect used directly (``serial``:
+    also log in on the serial console and time its round trips)."""
     q = profile.qemu
     work = Path(tempfile.mkdtemp(prefix="bench-raw-"))
     try:
@@ -93,19 +97,28 @@ def raw_qemu(profile, image: Path, accel: str, rounds: int) -> dict[str, float]:
             ser.connect(str(work / "ser.sock"))
             ser.settimeout(0.1)
             stop = threading.Event()
+            tail = bytearray()  # the console's last bytes, shown if SSH never answers
 
             def drain() -> None:
                 while not stop.is_set():
                     try:
-                        if not ser.recv(65536):
-                            return
+                        data = ser.recv(65536)
                     except TimeoutError:
                         continue
+                    if not data:
+                        return
+                    tail.extend(data)
+                    del tail[:-4096]
 
             drainer = threading.Thread(target=drain, daemon=True)
             drainer.start()
             client = None
+            deadline = t0 + profile.timeouts.boot_to_ssh
             while client is None:
+                if time.monotonic() > deadline:
+                    last = tail.decode(errors="replace").splitlines()[-15:]
+                    raise SystemExit(f"{image}: no SSH within {profile.timeouts.boot_to_ssh} s (timeouts.boot_to_ssh); "
+                                     "its console's last lines:\n" + "\n".join(last))  # fmt: skip
                 try:
                     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -126,6 +139,9 @@ def raw_qemu(profile, image: Path, accel: str, rounds: int) -> dict[str, float]:
                 s = time.monotonic()
                 _exec(client, "true")
                 ssh.append(time.monotonic() - s)
+            if not serial:
+                client.close()
+                return {"boot": boot, "ssh": median_ms(ssh)}
             child.sendline("")
             child.expect("login: ?$", timeout=120)
             child.sendline("root")
@@ -217,8 +233,15 @@ def main() -> None:
     print(f"image {image}\naccelerator {accel}{' (' + note + ')' if note else ''}\n")
     raw = raw_qemu(profile, image, accel, args.rounds)
     tb = with_testbed(profile, image, args.rounds)
+    # The yardstick of the boot: a minimal Debian (minbase, systemd, udev, openssh-server) with
+    # the same kernel, bootloader and firmware, built by the same builder (cached), started by hand.
+    minimal = reference.build(reference.BuildOptions(arch=profile.arch, variant="minimal"), log=lambda _l: None)
+    debian = raw_qemu(profile, minimal, accel, 3, serial=False)
+    stages = {"reference": _one_device(profile, image), "minimal Debian": _one_device(profile, minimal)}
     rows = [
         ("cold boot to SSH ready", f"{tb['boot']:.2f} s", f"{raw['boot']:.2f} s (qemu by hand + first ssh)", tb["boot"] / raw["boot"], "<= 1.1"),
+        ("cold boot vs minimal Debian", f"{stages['reference']['boot']:.2f} s", f"{stages['minimal Debian']['boot']:.2f} s (minimal Debian, by testbed)", stages["reference"]["boot"] / stages["minimal Debian"]["boot"], "<= 0.8"),
+        ("... both by hand", f"{raw['boot']:.2f} s", f"{debian['boot']:.2f} s (minimal Debian, by hand)", raw["boot"] / debian["boot"], "<= 0.8"),
         ("snapshot restore to ready", f"{tb['restore']:.2f} s", f"(savevm {tb['save']:.2f} s)", None, "<= 1.5 s"),
         ("command round trip, SSH", f"{tb['ssh']:.1f} ms", f"{raw['ssh']:.1f} ms (paramiko exec)", tb["ssh"] / raw["ssh"], "<= 1.5"),
         ("command round trip, serial", f"{tb['serial']:.1f} ms", f"{raw['serial']:.1f} ms (pexpect)", tb["serial"] / raw["serial"], ""),
@@ -240,6 +263,9 @@ def main() -> None:
     for name, ours, theirs, ratio, target in rows:
         r = f"{ratio:.2f}" if ratio is not None else "-"
         print(f"{name:28} {ours:>10}   {theirs:38} {r:>6}  {target}")
+    print("\ncold boot by stage (s)  " + "".join(f"{name:>12}" for name in (*STAGES, "restore")))
+    for name, figures in stages.items():
+        print(f"{name:23} " + "".join(f"{figures.get(stage, float('nan')):12.2f}" for stage in (*STAGES, "restore")))
 
 
 STAGES = ("firmware", "bootloader", "kernel", "userspace", "ssh")

@@ -79,6 +79,11 @@ BUNDLE_LABEL = "hostapp-bundle"
 MANIFEST_NAME = "manifest.json"
 BUILD_LOG_NAME = "build.log"
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "images"
+# The benchmark's yardstick: a minimal Debian (minbase, systemd, udev, openssh-server) with the
+# reference image's kernel, bootloader, firmware and layout. Its packages and hooks are its own;
+# its boot files are the reference recipe's.
+MINIMAL_RECIPE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "minimal-debian"
+VARIANTS = {"reference": RECIPE_DIR, "minimal": MINIMAL_RECIPE_DIR}
 
 SUITE = "bookworm"
 ARCH = "amd64"
@@ -101,7 +106,7 @@ DPKG_EXCLUDES = (
 # The packages are installed once per package list into a base tarball
 # (<cache>/base/), reused by later builds for this long.
 BASE_MAX_AGE = 7 * 24 * 3600
-BASE_KEEP = 3
+BASE_KEEP = 4
 
 MIB = 1024 * 1024
 SECTOR = 512
@@ -222,8 +227,12 @@ class BuildOptions:
     # "gpt", or "mbr": a Raspberry Pi's layout (resin-boot p1, the roots p2 and p3, an extended
     # container p4 holding resin-state p5 and resin-data p6).
     table: str = "gpt"
+    # "reference", or "minimal": the benchmark's minimal Debian image (benchmarks/minimal-debian).
+    variant: str = "reference"
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown image variant {self.variant!r}: choose {' or '.join(VARIANTS)}")
         if self.table not in ("gpt", "mbr"):
             raise ValueError(f"unknown partition table {self.table!r}: choose gpt or mbr")
         if self.arch not in ARCHES:
@@ -287,6 +296,7 @@ HOST_TOOLS = {
     "sfdisk": "fdisk",
     "grub-mkimage": "grub-common",
     "grub-editenv": "grub-common",
+    "openssl": "openssl",  # the CA certificates' hash links, made on the host (customize.sh)
 }
 _SBIN_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
@@ -314,13 +324,23 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "testbed"
 
 
-def image_hash(options: BuildOptions = BuildOptions(), recipe_dir: Path = RECIPE_DIR) -> str:
+def recipe_dirs(options: BuildOptions) -> tuple[Path, Path]:
+    """(the directory of packages.txt and hooks/, the directory of the boot files) of a build."""
+    return VARIANTS[options.variant], RECIPE_DIR / "boot"
+
+
+def image_hash(options: BuildOptions = BuildOptions(), recipe_dir: Path | None = None) -> str:
     """Hash naming the cache entry: recipe files, this module, the options."""
-    if not recipe_dir.is_dir():
-        raise BuildError(f"recipe directory {recipe_dir} not found")
+    recipe, boot = recipe_dirs(options)
+    recipe = recipe_dir or recipe
+    if not recipe.is_dir():
+        raise BuildError(f"recipe directory {recipe} not found")
     digest = hashlib.sha256(b"testbed-ref image v1\0")
-    for path in sorted(recipe_dir.rglob("*")):
-        rel = path.relative_to(recipe_dir)
+    # The reference recipe holds its boot files; another variant's hash takes them from it.
+    files = [(path, path.relative_to(recipe)) for path in sorted(recipe.rglob("*"))]
+    if not boot.is_relative_to(recipe):
+        files += [(path, Path("boot") / path.relative_to(boot)) for path in sorted(boot.rglob("*"))]
+    for path, rel in files:
         if "__pycache__" in rel.parts or path.suffix == ".pyc":
             continue
         name = rel.as_posix().encode()
@@ -621,6 +641,7 @@ class _Runner:
                     if echo is not None and echo(line):
                         self.log("  " + line.rstrip())
                 code = proc.wait()
+                blog.write(f"[{time.monotonic() - started:6.1f}] (exit {code})\n")
             except BaseException:
                 # Interrupted: let the tool clean up (mmdebstrap unmounts
                 # what it mounted in the chroot) before the tree is removed.
@@ -681,7 +702,8 @@ class _DiskBuilder:
         tree = self.work / "state"
         overlay = tree / "root-overlay"
         overlay.mkdir(parents=True)
-        binds = (self.rootfs / "etc/state-binds").read_text().split()
+        listed = self.rootfs / "etc/state-binds"
+        binds = listed.read_text().split() if listed.is_file() else []  # a minimal image has none
         for path in binds:
             if not path.startswith("/"):
                 continue
@@ -882,13 +904,13 @@ class _Builder:
         self.rootfs = self.work / "rootfs"
         self.apt_cache = cache / "apt-archives"
         self.build_log = build_log
-        self.recipe = RECIPE_DIR
+        self.recipe, boot = recipe_dirs(options)
         tool_path = os.pathsep.join([os.environ.get("PATH", os.defpath), *_SBIN_PATH])
         self._run = _Runner(build_log, log, tool_path).run
         self.arch = options.arch
         self.spec = ARCHES[options.arch]
         self.disk = _DiskBuilder(
-            self._run, log, self.work, staging, self.rootfs, self.recipe, options.arch, options.table
+            self._run, log, self.work, staging, self.rootfs, boot.parent, options.arch, options.table
         )
 
     # -- steps ---------------------------------------------------------------
@@ -920,7 +942,7 @@ class _Builder:
         seconds = round(time.monotonic() - started, 1)
         image = self.staging / image_name(self.arch, self.options.table)
         manifest = {
-            "name": "testbed reference OS",
+            "name": "testbed reference OS" if self.options.variant == "reference" else "minimal Debian",
             "image": image.name,
             "version": self.options.version,
             "options": dataclasses.asdict(self.options),
@@ -945,7 +967,8 @@ class _Builder:
         """Hash of what goes into the base tarball (not the rest of the recipe)."""
         digest = hashlib.sha256(b"testbed-ref base v1\0")
         for name in ("packages.txt", "hooks/essential.sh"):
-            digest.update(name.encode() + b"\0" + (self.recipe / name).read_bytes() + b"\0")
+            path = self.recipe / name
+            digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\0")
         digest.update(inspect.getsource(_Builder._bootstrap).encode())
         digest.update(
             json.dumps([SUITE, self.spec.debian, APT_SOURCES, DPKG_EXCLUDES, self.spec.extra_packages]).encode()
@@ -997,7 +1020,11 @@ class _Builder:
             "--skip=essential/unlink",
             f"--setup-hook=mkdir -p {archives} && "
             f"{{ cp -al {cache}/. {archives}/ 2>/dev/null || cp -a {cache}/. {archives}/; }}",
-            f'--essential-hook={shlex.quote(str(self.recipe / "hooks" / "essential.sh"))} "$1"',
+            *(
+                [f'--essential-hook={shlex.quote(str(self.recipe / "hooks" / "essential.sh"))} "$1"']
+                if (self.recipe / "hooks" / "essential.sh").is_file()
+                else []
+            ),
             f"--customize-hook=for deb in {archives}/*.deb; do "
             f'[ -e {cache}/"${{deb##*/}}" ] || cp -al "$deb" {cache}/ 2>/dev/null '
             f'|| cp -a "$deb" {cache}/; done',
@@ -1154,6 +1181,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the partition table (mbr: a Raspberry Pi's, with resin-state and resin-data in an extended container)",
     )
     parser.add_argument(
+        "--variant",
+        default="reference",
+        choices=sorted(VARIANTS),
+        help="minimal: the benchmark's minimal Debian image (same kernel, bootloader and layout)",
+    )
+    parser.add_argument(
         "--bundle",
         action="store_true",
         help="build the update bundle (root filesystem) of that version instead, and print its path",
@@ -1165,7 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         version = args.version or (BUNDLE_VERSION if args.bundle else BuildOptions.version)
-        options = BuildOptions(version=version, arch=ARCH_NAMES[args.arch], table=args.table)
+        options = BuildOptions(version=version, arch=ARCH_NAMES[args.arch], table=args.table, variant=args.variant)
         if args.bundle:
             image = build_bundle(options, cache_dir=args.cache_dir, log=log)
         else:

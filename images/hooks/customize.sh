@@ -68,6 +68,7 @@ awk '$1 !~ /^#/ && $2 ~ /^\// { print $2 }' "${root}/etc/fstab" |
 mkdir -p "${root}/mnt/sysroot/active" "${root}/mnt/sysroot/inactive"
 
 # --- systemd units --------------------------------------------------------
+set --
 for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
 	e2scrub_all.timer e2scrub_reap.service fstrim.timer remote-fs.target \
 	podman.service podman.socket podman-restart.service \
@@ -76,9 +77,11 @@ for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
 	avahi-daemon.service avahi-daemon.socket getty@tty1.service; do
 	if [ -e "${root}/usr/lib/systemd/system/${unit}" ] ||
 		[ -e "${root}/usr/lib/systemd/system/${unit%%@*}@.service" ]; then
-		in_root systemctl --quiet disable "${unit}"
+		set -- "$@" "${unit}"
 	fi
 done
+# One systemctl for all of them: each start of it costs seconds under an emulated CPU.
+[ "$#" -eq 0 ] || in_root systemctl --quiet disable "$@"
 in_root systemctl --quiet enable config-json.service ssh-hostkeys.service \
 	dnsmasq.service NetworkManager.service ssh.service chrony.service \
 	rollback-altboot.service rollback-health.service
@@ -121,6 +124,35 @@ in_root update-initramfs -c -k "${kver}"
 ln -sfn "vmlinuz-${kver}" "${root}/boot/vmlinuz"
 ln -sfn "initrd.img-${kver}" "${root}/boot/initrd.img"
 rm -f "${root}"/vmlinuz "${root}"/vmlinuz.old "${root}"/initrd.img "${root}"/initrd.img.old
+
+# --- CA certificates ------------------------------------------------------
+# essential.sh diverted update-ca-certificates while packages installed. The root's own script
+# (a shell script, the same on every architecture) runs once on the host's shell and openssl
+# into the root; the links it makes carry the root's path, which is taken off them.
+rm -f "${root}/usr/sbin/update-ca-certificates"
+in_root dpkg-divert --quiet --local --rename \
+	--divert /usr/sbin/update-ca-certificates.testbed --remove /usr/sbin/update-ca-certificates
+if [ -n "$(ls -A "${root}/etc/ca-certificates/update.d" 2>/dev/null)" ]; then
+	in_root update-ca-certificates >/dev/null # hooks are the root's programs: run them there
+else
+	sh "${root}/usr/sbin/update-ca-certificates" --sysroot "${root}" --hooksdir "" >/dev/null
+	for link in "${root}"/etc/ssl/certs/*; do
+		target="$(readlink "${link}")" || continue
+		case "${target}" in
+		"${root}"/*)
+			target="${target#"${root}"}"                  # //usr/share/...: --sysroot adds a slash
+			ln -sfn "/${target#"${target%%[!/]*}"}" "${link}" ;;
+		esac
+	done
+fi
+[ -s "${root}/etc/ssl/certs/ca-certificates.crt" ] ||
+	{ echo "customize.sh: no CA certificate bundle was made" >&2; exit 1; }
+for link in "${root}"/etc/ssl/certs/*.pem; do
+	target="$(readlink "${link}")" || continue
+	case "${target}" in /*) ;; *) target="/etc/ssl/certs/${target}" ;; esac
+	[ -f "${root}${target}" ] ||
+		{ echo "customize.sh: ${link#"${root}"} points to ${target}, not in the root" >&2; exit 1; }
+done
 
 # --- trimming -------------------------------------------------------------
 # These are hidden under tmpfs at run time anyway.
