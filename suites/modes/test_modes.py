@@ -100,9 +100,13 @@ def test_gettys_match_mode(dut: DUT, device_profile: Profile, mode: str) -> None
     if mode == "development":
         inactive = [u for u, s in found.items() if s != "active"]
         assert not inactive, f"development mode must run {device_profile.dev.gettys}; not active: {found}"
+        # The serial console's tty is the profile's serial getty's (ttyS0 on x86, ttyAMA0 on arm64 virt).
+        serial = [u.removeprefix("serial-getty@").removesuffix(".service") for u in device_profile.dev.gettys
+                  if u.startswith("serial-getty@")]  # fmt: skip
         login = dut.console.run("tty")
-        assert login.exit_code == 0 and "/dev/ttyS" in login.stdout, (
-            f"a root login on the serial console must give a shell; `tty` said {login.stdout!r}"
+        assert login.exit_code == 0 and login.stdout.strip() in [f"/dev/{tty}" for tty in serial], (
+            f"a root login on the serial console ({', '.join(serial) or 'no serial getty in the profile'}) "
+            f"must give a shell; `tty` said {login.stdout!r}"
         )
     else:
         active = [u for u, s in found.items() if s == "active"]
