@@ -204,16 +204,21 @@ DEFECTS = {
             "test_sshd_offers_what_the_mode_allows": "permitemptypasswords no (is yes)",
         },
     ),
+    # Two development-mode units started in production: the engine API and the serial getty.
     "engine-open-in-production": Defect(
         edits=[
             root_file(
                 CONFIG_JSON_SCRIPT,
                 'if [ "${mode}" = development ]; then',
-                'systemctl start --no-block engine-tcp.socket\nif [ "${mode}" = development ]; then',
+                'systemctl start --no-block engine-tcp.socket serial-getty@ttyS0.service\n'
+                'if [ "${mode}" = development ]; then',
             )
         ],
         run=["suites/modes", "--mode", "production"],
-        fails={"test_engine_api_matches_mode": "production mode must not listen on 2375"},
+        fails={
+            "test_engine_api_matches_mode": "production mode must not listen on 2375",
+            "test_gettys_match_mode": "production mode must not run a getty; active: ['serial-getty@ttyS0.service']",
+        },
     ),
     # Three defects of a production image on one boot: an sshd that also offers passwords (root
     # with an empty password is still refused, so the passwordless-login check passes), a
