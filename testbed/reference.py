@@ -502,6 +502,7 @@ def _host_debian_arch() -> str:
 
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 
 
 def check_foreign(spec: ArchSpec) -> None:
@@ -1015,6 +1016,11 @@ class _Builder:
             # user cannot enter; download as root without warning about it.
             '--aptopt=APT::Sandbox::User "root"',
             *(f"--dpkgopt={rule}" for rule in DPKG_EXCLUDES),
+            # A merged /usr from the start (mmdebstrap's own hook, as debootstrap does it): without
+            # it apt satisfies init-system-helpers' "usrmerge | usr-is-merged" with usrmerge,
+            # which brings perl (47 MB) and converts the tree in a perl script, under emulation
+            # on a foreign-architecture build.
+            *([f"--hook-dir={MERGED_USR_HOOKS}"] if MERGED_USR_HOOKS.is_dir() else []),
             # Keep downloaded packages: the cache is filled from and to them.
             "--skip=download/empty",
             "--skip=essential/unlink",
