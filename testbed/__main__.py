@@ -2,12 +2,15 @@
 on the desk, get a shell on a device, see what an image holds without booting it, or drive a labgrid
 farm (``testbed.farm.cli``).
 
-``certify`` runs the suites with pytest once per mode (development, then production),
-each in its own process and report directory, then prints one verdict line per mode. The
-checks that do not depend on the mode (marked ``mode_independent``: layout, the update suite,
-os-release, the fingerprint and the filesystem checks) run in the first mode only; the later
-modes' reports inherit their verdicts with a link to the evidence (``--inherit``, testbed.plan).
-``--full`` runs everything in every mode.
+``certify`` runs the suites with pytest once per mode, each in its own process and report
+directory, then prints one verdict line per mode. The checks that do not depend on the mode
+(marked ``mode_independent``: layout, the update suite, os-release, the fingerprint and the
+filesystem checks) run in the first mode only; the later modes' reports inherit their verdicts
+with a link to the evidence (``--inherit``, testbed.plan). The modes run side by side when the
+host's boot budget carries two guests (each output line led by its mode): a later mode runs its
+own checks meanwhile and takes the first mode's verdicts once that run has ended
+(``--inherit-wait``). ``--one-mode-at-a-time`` runs them one after the other; ``--full`` runs
+everything in every mode.
 Exit code: 0 when every mode passed, 1 when the device failed a check in any mode, 75
 when only lab faults stood in the way, 4 for bad input.
 
@@ -20,17 +23,22 @@ exit codes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
-from testbed import desk, inspect
+from testbed import budget, desk, inputs, inspect, plan
 from testbed.errors import ConfigError, InfraError
 from testbed.farm import cli as farm_cli
 from testbed.report import EXIT_FAILED, EXIT_INFRA, EXIT_PASSED, EXIT_USAGE
+from testbed.util import die_with_parent
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
 
@@ -45,36 +53,129 @@ def _pytest_options(extra: list[str]) -> list[str]:
     return extra[1:] if extra and extra[0] == "--" else extra
 
 
-def certify(args: argparse.Namespace, extra: list[str]) -> int:
+def _mode_argv(args: argparse.Namespace, mode: str, run_id: str, extra: list[str]) -> list[str]:
+    argv = [sys.executable, "-m", "pytest", str(SUITES), "-p", "no:cacheprovider", "--mode", mode]
+    argv += ["--device", args.device, "--report-dir", str(args.report_dir), "--run-id", run_id]
+    if args.image:
+        argv += ["--image", args.image]
+    if not args.cold:
+        argv += ["--warm"]
+    if "-q" not in extra and "--quiet" not in extra:
+        argv += ["--progress", "--boot-stages"]  # -q: pytest's own dots only
+    return argv
+
+
+def _side_by_side(modes: list[str]) -> bool:
+    """Modes run side by side when there is more than one and the host carries two booting guests."""
+    if len(modes) < 2:
+        return False
+    try:
+        slots = budget.boot_slots("tcg", 2)
+    except ConfigError:
+        return False
+    return slots == 0 or slots >= 2
+
+
+def _relay(proc: subprocess.Popen[bytes], prefix: str) -> threading.Thread:
+    """Copy a mode's output to ours a line at a time, each line led by its mode."""
+
+    def copy() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(prefix + line.decode(errors="replace"))
+            sys.stdout.flush()
+
+    thread = threading.Thread(target=copy, name=f"relay {prefix.strip()}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _start_mode(argv: list[str], pass_fds: tuple[int, ...], relay: bool) -> subprocess.Popen[bytes]:
+    # A mode's pytest ends with certify: SIGTERM, so that it powers its devices off and writes
+    # what it has (a kill -9 of certify included).
+    return subprocess.Popen(
+        argv,
+        pass_fds=pass_fds,
+        stdout=subprocess.PIPE if relay else None,
+        stderr=subprocess.STDOUT if relay else None,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
+    )
+
+
+def _run_modes(args: argparse.Namespace, modes: list[str], extra: list[str], device: str) -> list[tuple[str, int, Path]]:
+    """Each mode's pytest (side by side, or one after the other); (mode, exit code, its report.json)."""
     report_dir = Path(args.report_dir)
-    codes = []
-    lines = []
+    now = datetime.now(UTC)
+    runs = [(mode, plan.new_run_id(now)) for mode in modes]
+    first_report = report_dir / device / runs[0][1] / "report.json"
+    together = _side_by_side(modes) and not args.full and not args.one_mode_at_a_time
+    results: list[tuple[str, int, Path]] = []
+    if not together:
+        for i, (mode, run_id) in enumerate(runs):
+            argv = _mode_argv(args, mode, run_id, extra)
+            if i and not args.full and results[0][1] != EXIT_USAGE and first_report.is_file():
+                argv += ["--inherit", str(first_report)]
+            print(f"==> certify {args.device} in {mode} mode: {' '.join(argv[3:])}", flush=True)
+            code = subprocess.call(argv + extra)
+            results.append((mode, code, report_dir / device / run_id / "report.json"))
+            if code == EXIT_USAGE:
+                break
+        return results
+    # Side by side: the first mode's report directory is made and locked here, and the lock goes
+    # to its pytest, which holds it until it ends; the later modes run their mode-dependent
+    # checks meanwhile, then wait for that lock and inherit from its report (testbed.plan).
+    held = plan.hold_run(first_report.parent)
+    procs: list[tuple[str, str, subprocess.Popen[bytes], threading.Thread]] = []
+    width = max(len(m) for m in modes)
+    try:
+        for i, (mode, run_id) in enumerate(runs):
+            argv = _mode_argv(args, mode, run_id, extra)
+            if i:
+                argv += ["--inherit", str(first_report), "--inherit-wait"]
+            print(f"==> certify {args.device} in {mode} mode: {' '.join(argv[3:])}", flush=True)
+            proc = _start_mode(argv + extra, (held,) if i == 0 else (), relay=True)
+            procs.append((mode, run_id, proc, _relay(proc, f"{mode:<{width}} | ")))
+            if i == 0:
+                os.close(held)  # the first mode's pytest holds the lock now
+                held = -1
+        for mode, run_id, proc, relay in procs:
+            code = proc.wait()
+            relay.join()
+            results.append((mode, code, report_dir / device / run_id / "report.json"))
+    finally:
+        if held >= 0:
+            os.close(held)
+        for _, _, proc, _ in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    if results and results[0][1] == EXIT_USAGE:
+        return results[:1]  # bad input: the first mode's one line says it; the others stopped on it too
+    return results
+
+
+def certify(args: argparse.Namespace, extra: list[str]) -> int:
     extra = _pytest_options(extra)
-    first: Path | None = None  # the first mode's report: the later modes inherit its mode-independent checks
-    for mode in args.modes.split(","):
-        before = set(report_dir.glob("*/*/report.json"))
-        argv = [sys.executable, "-m", "pytest", str(SUITES), "-p", "no:cacheprovider", "--mode", mode]
-        argv += ["--device", args.device, "--report-dir", str(report_dir)]
-        if args.image:
-            argv += ["--image", args.image]
-        if not args.cold:
-            argv += ["--warm"]
-        if "-q" not in extra and "--quiet" not in extra:
-            argv += ["--progress", "--boot-stages"]  # -q: pytest's own dots only
-        if args.dry_run:
-            print(shlex.join(argv[1:] + extra))
-            if mode != args.modes.split(",")[0] and not args.full:
+    modes = args.modes.split(",")
+    if args.dry_run:
+        for i, mode in enumerate(modes):
+            print(shlex.join(_mode_argv(args, mode, "RUN_ID", extra)[1:] + extra))
+            if i and not args.full:
                 print(
                     f"# and --inherit <the first mode's report.json>: {mode} takes the mode-independent checks from it"
+                    + (" (side by side: --inherit-wait)" if _side_by_side(modes) and not args.one_mode_at_a_time else "")
                 )
-            continue
-        if first is not None and not args.full:
-            argv += ["--inherit", str(first)]
-        print(f"==> certify {args.device} in {mode} mode: {' '.join(argv[3:])}", flush=True)
-        code = subprocess.call(argv + extra)
+        return EXIT_PASSED
+    try:
+        device = inputs.resolve_profile(args.device).name
+    except ConfigError as exc:
+        print(f"testbed: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    codes, lines = [], []
+    for mode, code, report in _run_modes(args, modes, extra, device):
         codes.append(code)
-        report = _latest_report(report_dir, before)
-        if report is not None:
+        if report.is_file():
             data = json.loads(report.read_text())
             c = data["counts"]
             inherited = sum(1 for t in data["tests"] if t.get("inherited"))
@@ -84,14 +185,8 @@ def certify(args: argparse.Namespace, extra: list[str]) -> int:
                 + (f" ({inherited} inherited)" if inherited else "")
                 + f"  {report.parent / 'report.html'}"
             )
-            if first is None and code != EXIT_USAGE:
-                first = report
         else:
             lines.append(f"{mode:12} no report (exit {code})")
-        if code == EXIT_USAGE:
-            break
-    if args.dry_run:
-        return EXIT_PASSED
     print("\n".join(["", f"certification of {args.device}:", *lines]))
     if EXIT_USAGE in codes:
         return EXIT_USAGE
@@ -166,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="boot every device cold (default: the session's device is restored from a warm device of an "
         "earlier run of the same image, profile, mode and testbed, and one is kept after a cold boot)",
+    )
+    c.add_argument(
+        "--one-mode-at-a-time",
+        action="store_true",
+        help="run the modes one after the other (default: side by side when the host carries two booting "
+        "guests; the later modes take the mode-independent verdicts from the first once it has ended)",
     )
     c.add_argument(
         "--full",

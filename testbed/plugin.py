@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -71,6 +70,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="REPORT",
         help="a certification's later mode: take the verdicts of the checks marked mode_independent from "
         "this report.json of its first mode instead of running them again",
+    )
+    group.addoption(
+        "--inherit-wait",
+        action="store_true",
+        help="with --inherit: that report is still being written by the first mode's run beside this one "
+        "(certify runs modes side by side); run the mode-dependent checks first, then wait for that run to end",
+    )
+    group.addoption(
+        "--run-id",
+        default=None,
+        help="the run's directory name under --report-dir/<device>/ (default: the UTC time and 4 hex digits; "
+        "an existing directory must be empty)",
     )
     group.addoption(
         "--warm",
@@ -158,6 +169,9 @@ class TestbedSession:
         inherit = config.getoption("--inherit")
         self.inherit_from: Path | None = Path(inherit) if inherit else None
         self.inherited: list[plan.Inherited] = []
+        # --inherit-wait: the mode-independent checks, run last, unless the first run gives their verdicts
+        self.pending: dict[str, pytest.Item] = {}
+        self.pending_taken: set[str] | None = None
         self.began = time.monotonic()
         self.warm_from: WarmDevice | None = None  # the warm device the session's device came from
         self._held = False
@@ -209,11 +223,14 @@ class TestbedSession:
         if self.run_dir is None:
             profile = self.resolve_profile()
             now = datetime.now(UTC)
-            run_id = now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+            run_id = self.config.getoption("--run-id") or plan.new_run_id(now)
             self.run = RunInfo(device=profile.name, run_id=run_id, started=now.isoformat(timespec="seconds"))
             run_dir = Path(self.config.getoption("--report-dir")) / profile.name / run_id
             try:
-                run_dir.mkdir(parents=True)
+                # A named run's directory may have been made (and locked) by certify already.
+                run_dir.mkdir(parents=True, exist_ok=bool(self.config.getoption("--run-id")))
+                if any(run_dir.iterdir()):
+                    raise ConfigError(f"--run-id {run_id}: {run_dir} already holds a run; give another id")
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise InfraError(no_space(run_dir, exc)) from None
@@ -329,10 +346,54 @@ class TestbedSession:
         with ev.collecting(record.collector):
             return (yield)
 
+    @pytest.hookimpl(tryfirst=True, specname="pytest_runtest_protocol")
+    def pytest_runtest_protocol_unless_inherited(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+        """``--inherit-wait``: a mode-independent check is not run when the first run gave its verdict."""
+        if item.nodeid not in self.pending:
+            return None
+        if self.pending_taken is None:
+            self.pending_taken = self.take_pending()
+        return True if item.nodeid in self.pending_taken else None
+
+    def take_pending(self) -> set[str]:
+        """Wait for the first mode's run beside this one to end, then take its verdicts."""
+        assert self.inherit_from is not None
+        directory = self.inherit_from.parent
+        timeout = plan.wait_timeout()
+        self.say(
+            f"waiting for the first mode's run to end ({directory}, at most {timeout:.0f}s, TESTBED_INHERIT_WAIT): "
+            f"{len(self.pending)} mode-independent checks take their verdicts from it"
+        )
+        began = time.monotonic()
+        if not plan.wait_for_run(directory, timeout):
+            self.say(f"the first mode's run did not end within {timeout:.0f}s: its checks run here")
+            return set()
+        try:
+            source = plan.load_source(self.inherit_from)
+        except ConfigError as exc:
+            self.say(f"{exc}: the first mode's run wrote no report, its checks run here")
+            return set()
+        _, self.inherited = plan.split(list(self.pending.values()), source)
+        taken = {i.nodeid for i in self.inherited}
+        rest = len(self.pending) - len(taken)
+        self.say(
+            f"the first mode's run ended ({time.monotonic() - began:.0f}s waited): {len(taken)} verdicts inherited"
+            + (f", {rest} checks it gave none for run here" if rest else "")
+        )
+        return taken
+
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         """After -k, -m and --deselect: the checks another mode's run already gave a verdict for
         are taken from its report (``--inherit``); the order and early starts are of the rest."""
+        if self.inherit_from is not None and self.config.getoption("--inherit-wait"):
+            # The first run is still running: its checks' verdicts are read once it has ended,
+            # at the first of these (last here); those it gave none for run then.
+            self.pending = {i.nodeid: i for i in items if i.get_closest_marker(plan.MARKER) is not None}
+            keep = [i for i in items if i.nodeid not in self.pending]
+            schedule.order(keep)
+            items[:] = keep + list(self.pending.values())
+            return
         if self.inherit_from is not None:
             keep, self.inherited = plan.split(items, plan.load_source(self.inherit_from))
             if self.inherited:
@@ -646,7 +707,14 @@ def _check_options(config: pytest.Config) -> None:
         what = "a directory" if Path(bundle).expanduser().is_dir() else "no such file"
         raise ConfigError(f"--hup-bundle {bundle}: {what}: give the update bundle (the new root filesystem, ext4)")
     _check_report_dir(Path(config.getoption("--report-dir")), create=False)
-    if config.getoption("--inherit"):
+    run_id = config.getoption("--run-id")
+    if run_id is not None and not plan.RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' (a directory name)")
+    if config.getoption("--inherit-wait"):
+        if not config.getoption("--inherit"):
+            raise ConfigError("--inherit-wait: give --inherit REPORT too (the first mode's report.json, still being written)")
+        plan.wait_timeout()
+    elif config.getoption("--inherit"):
         plan.load_source(Path(config.getoption("--inherit")))
 
 

@@ -33,6 +33,9 @@ def _die_with_parent(sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
+die_with_parent = _die_with_parent  # for a subprocess.Popen's preexec_fn (functools.partial for the signal)
+
+
 class OwnedProcess:
     """A child process that dies with its owner.
 

@@ -270,6 +270,8 @@ ROWS: dict[str, Row] = {
     "option-power-cuts-not-a-number": Row(
         lambda c: ["--hup-power-cuts", "many", *_image(c)], ("--hup-power-cuts 'many'",)
     ),
+    "option-run-id-not-a-name": Row(lambda c: ["--run-id", "a/b", *_image(c)], ("--run-id 'a/b'", "letters")),
+    "option-inherit-wait-alone": Row(lambda c: ["--inherit-wait", *_image(c)], ("--inherit-wait", "--inherit REPORT")),
     "option-report-dir-is-a-file": Row(
         lambda c: ["--report-dir", str(c.file("reports", b"")), *_image(c)], ("--report-dir", "is a file")
     ),
