@@ -24,8 +24,9 @@ With ``--slots 1,2,3`` it boots ``--guests`` devices at once under each boot bud
 (``TESTBED_BOOT_SLOTS``) and prints the time until all answer SSH, and each guest's boot.
 
 With ``--certify`` it prints only the certification figures: ``python -m testbed certify`` from an
-empty warm store, the same command again (warm devices), and ``suites/smoke`` warm, each with the
-boots and snapshot restores it cost.
+empty warm store, the same command again (warm devices), that again with the modes one after the
+other (``--one-mode-at-a-time``: what side by side gains, as a ratio), and ``suites/smoke`` warm,
+each with the boots and snapshot restores it cost.
 """
 
 from __future__ import annotations
@@ -385,10 +386,17 @@ def certify_figures(device: str, image: Path | None) -> None:
     env = {**os.environ, "TESTBED_WARM_DIR": str(tmp / "warm")}
     extra = ["--image", str(image)] if image else []
     rows = []
+    walls: dict[str, float] = {}
     try:
         for name, argv, target in (
             ("certify, cold", ["-m", "testbed", "certify", "--device", device, *extra], "<= 12 min"),
             ("certify again, warm", ["-m", "testbed", "certify", "--device", device, *extra], "<= 6 min"),
+            # The same, the modes one after the other: what running them side by side gains.
+            (
+                "... one mode at a time",
+                ["-m", "testbed", "certify", "--one-mode-at-a-time", "--device", device, *extra],
+                "(side by side / this)",
+            ),
             (
                 "suites/smoke, warm",
                 ["-m", "pytest", "-q", "suites/smoke", "--warm", "--mode", "development", "--device", device, *extra],
@@ -404,6 +412,9 @@ def certify_figures(device: str, image: Path | None) -> None:
                 raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
             cold, restores = _boots(reports)
             shown = f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
+            if name == "... one mode at a time":
+                target = f"side by side / this = {walls['certify again, warm'] / seconds:.2f}"
+            walls[name] = seconds
             rows.append((name, shown, f"{cold} boots, {restores} restores", target))
             print(f"{name}: {seconds:.0f} s", flush=True)
     finally:
