@@ -23,6 +23,7 @@ exit codes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -125,7 +126,13 @@ def _run_modes(args: argparse.Namespace, modes: list[str], extra: list[str], dev
     # Side by side: the first mode's report directory is made and locked here, and the lock goes
     # to its pytest, which holds it until it ends; the later modes run their mode-dependent
     # checks meanwhile, then wait for that lock and inherit from its report (testbed.plan).
-    held = plan.hold_run(first_report.parent)
+    try:
+        held = plan.hold_run(first_report.parent)
+    except OSError as exc:
+        raise ConfigError(
+            f"--report-dir {args.report_dir}: cannot make {first_report.parent} ({exc.strerror}): "
+            "give a directory you can write"
+        ) from None
     procs: list[tuple[str, str, subprocess.Popen[bytes], threading.Thread]] = []
     width = max(len(m) for m in modes)
     try:
@@ -150,6 +157,10 @@ def _run_modes(args: argparse.Namespace, modes: list[str], extra: list[str], dev
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
+        # Made here and left empty: the first mode stopped before its run began.
+        with contextlib.suppress(OSError):
+            first_report.parent.rmdir()
+            first_report.parent.parent.rmdir()
     if results and results[0][1] == EXIT_USAGE:
         return results[:1]  # bad input: the first mode's one line says it; the others stopped on it too
     return results
@@ -173,7 +184,12 @@ def certify(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"testbed: {exc}", file=sys.stderr)
         return EXIT_USAGE
     codes, lines = [], []
-    for mode, code, report in _run_modes(args, modes, extra, device):
+    try:
+        ran = _run_modes(args, modes, extra, device)
+    except ConfigError as exc:
+        print(f"testbed: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for mode, code, report in ran:
         codes.append(code)
         if report.is_file():
             data = json.loads(report.read_text())
