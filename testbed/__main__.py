@@ -66,9 +66,10 @@ def _mode_argv(args: argparse.Namespace, mode: str, run_id: str, extra: list[str
     return argv
 
 
-def _side_by_side(modes: list[str]) -> bool:
-    """Modes run side by side when there is more than one and the host carries two booting guests."""
-    if len(modes) < 2:
+def _side_by_side(args: argparse.Namespace, modes: list[str]) -> bool:
+    """Modes run side by side when there is more than one, the later ones inherit (not ``--full``),
+    they are not asked one at a time, and the host carries two booting guests."""
+    if len(modes) < 2 or args.full or args.one_mode_at_a_time:
         return False
     try:
         slots = budget.boot_slots("tcg", 2)
@@ -91,7 +92,7 @@ def _relay(proc: subprocess.Popen[bytes], prefix: str) -> threading.Thread:
     return thread
 
 
-def _start_mode(argv: list[str], pass_fds: tuple[int, ...], relay: bool) -> subprocess.Popen[bytes]:
+def _start_mode(argv: list[str], pass_fds: tuple[int, ...] = (), relay: bool = False) -> subprocess.Popen[bytes]:
     # A mode's pytest ends with certify: SIGTERM, so that it powers its devices off and writes
     # what it has (a kill -9 of certify included).
     return subprocess.Popen(
@@ -110,15 +111,20 @@ def _run_modes(args: argparse.Namespace, modes: list[str], extra: list[str], dev
     now = datetime.now(UTC)
     runs = [(mode, plan.new_run_id(now)) for mode in modes]
     first_report = report_dir / device / runs[0][1] / "report.json"
-    together = _side_by_side(modes) and not args.full and not args.one_mode_at_a_time
     results: list[tuple[str, int, Path]] = []
-    if not together:
+    if not _side_by_side(args, modes):
         for i, (mode, run_id) in enumerate(runs):
             argv = _mode_argv(args, mode, run_id, extra)
-            if i and not args.full and results[0][1] != EXIT_USAGE and first_report.is_file():
+            if i and not args.full and first_report.is_file():
                 argv += ["--inherit", str(first_report)]
             print(f"==> certify {args.device} in {mode} mode: {' '.join(argv[3:])}", flush=True)
-            code = subprocess.call(argv + extra)
+            proc = _start_mode(argv + extra)
+            try:
+                code = proc.wait()
+            finally:
+                if proc.poll() is None:  # certify interrupted: its pytest ends too
+                    proc.terminate()
+                    proc.wait()
             results.append((mode, code, report_dir / device / run_id / "report.json"))
             if code == EXIT_USAGE:
                 break
@@ -175,7 +181,7 @@ def certify(args: argparse.Namespace, extra: list[str]) -> int:
             if i and not args.full:
                 print(
                     f"# and --inherit <the first mode's report.json>: {mode} takes the mode-independent checks from it"
-                    + (" (side by side: --inherit-wait)" if _side_by_side(modes) and not args.one_mode_at_a_time else "")
+                    + (" (side by side: --inherit-wait)" if _side_by_side(args, modes) else "")
                 )
         return EXIT_PASSED
     try:

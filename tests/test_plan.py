@@ -17,14 +17,19 @@ from test_plugin import _isolated, write_image  # noqa: F401 - _isolated is an a
 
 pytest_plugins = ["pytester"]
 
-CHECKS = """
+# What every check file here starts with: each check notes in $RAN that it ran.
+PREAMBLE = """
     import os
+    import signal
     import pytest
     from testbed.errors import InfraError
 
     def _ran(name):
         with open(os.environ["RAN"], "a") as f:
             f.write(name + "\\n")
+"""
+
+CHECKS = PREAMBLE + """
 
     @pytest.mark.mode_independent
     def test_same_in_every_mode(image_under_test):
@@ -121,15 +126,7 @@ def test_an_unusable_inherit_report_is_one_line_and_exit_4(pytester: pytest.Pyte
 # Two modes side by side, as certify runs them: the first mode's check waits (a FIFO) until the
 # later mode's own check has run, so the later run can only have the first's verdicts by
 # waiting for it to end.
-SIDE_BY_SIDE = """
-    import os
-    import signal
-    import pytest
-    from testbed.errors import InfraError
-
-    def _ran(name):
-        with open(os.environ["RAN"], "a") as f:
-            f.write(name + "\\n")
+SIDE_BY_SIDE = PREAMBLE + """
 
     @pytest.mark.mode_independent
     def test_same_in_every_mode(image_under_test):
